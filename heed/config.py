@@ -1,0 +1,283 @@
+"""Typed configuration: one dataclass per component, loaded from YAML.
+
+Every field has a default and a one-line help (``metadata["help"]``) and is
+validated in ``__post_init__``. Unknown keys and bad values raise
+``ConfigError`` naming the offending key, so a typo never silently falls back
+to a default.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+EMBEDDED_MODEL = "embedded:smollm2"
+
+
+class ConfigError(ValueError):
+    """A configuration file or value is invalid; the message names the key."""
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+def _check(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}: {msg}")
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = _f(EMBEDDED_MODEL, "HF model folder, hub-cache id, 'embedded:smollm2' (packaged GGUF) or 'tiny:<seed>' (built offline, for tests).")
+    device: str = _f("cpu", "Where the model runs: cpu, cuda, cuda:N or auto.")
+    dtype: str = _f("float32", "Weights dtype: float32, bfloat16, float16 or auto (bf16 on CUDA when supported, else fp32).")
+    torch_threads: int = _f(2, "torch.set_num_threads for inference and training; 0 leaves torch's default.")
+    max_cached_adapters: int = _f(16, "How many users' adapters the engine keeps loaded (LRU).")
+    trust_remote_code: bool = _f(False, "Allow model code from the model folder (off: only transformers' own classes run).")
+
+    def __post_init__(self) -> None:
+        _check(bool(self.name_or_path.strip()), "model.name_or_path", "must not be empty")
+        _check(self.device in ("cpu", "cuda", "auto") or self.device.startswith("cuda:"), "model.device", f"unknown device {self.device!r}")
+        _check(self.dtype in ("float32", "bfloat16", "float16", "auto"), "model.dtype", f"unknown dtype {self.dtype!r}")
+        _check(0 <= self.torch_threads <= 256, "model.torch_threads", "must be between 0 and 256")
+        _check(1 <= self.max_cached_adapters <= 10_000, "model.max_cached_adapters", "must be between 1 and 10000")
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = _f(192, "Longest reply, in tokens.")
+    do_sample: bool = _f(False, "Sample (True) or greedy decoding (False, reproducible).")
+    temperature: float = _f(0.7, "Sampling temperature (used when do_sample).")
+    top_p: float = _f(0.9, "Nucleus sampling mass (used when do_sample).")
+    repetition_penalty: float = _f(1.0, "Penalty on repeated tokens; 1.0 turns it off.")
+    system_prompt: str = _f("You are a helpful AI assistant named Heed.", "System message put before every conversation.")
+    max_message_chars: int = _f(8000, "Longest user message, edit or correction accepted, in characters.")
+    max_context_tokens: int = _f(1536, "Oldest turns are dropped so the prompt fits in this many tokens.")
+    seed: int = _f(0, "Seed for sampling, so a sampled reply can be reproduced.")
+
+    def __post_init__(self) -> None:
+        _check(1 <= self.max_new_tokens <= 8192, "generation.max_new_tokens", "must be between 1 and 8192")
+        _check(0.0 < self.temperature <= 5.0, "generation.temperature", "must be in (0, 5]")
+        _check(0.0 < self.top_p <= 1.0, "generation.top_p", "must be in (0, 1]")
+        _check(0.5 <= self.repetition_penalty <= 3.0, "generation.repetition_penalty", "must be in [0.5, 3]")
+        _check(1 <= self.max_message_chars <= 1_000_000, "generation.max_message_chars", "must be between 1 and 1000000")
+        _check(16 <= self.max_context_tokens <= 1_000_000, "generation.max_context_tokens", "must be between 16 and 1000000")
+
+
+@dataclass
+class StoreConfig:
+    path: str = _f("heed.db", "SQLite file; relative paths are under data_dir.")
+    busy_timeout_ms: int = _f(10_000, "How long a writer waits for the lock before 'database is locked'.")
+
+    def __post_init__(self) -> None:
+        _check(bool(self.path.strip()), "store.path", "must not be empty")
+        _check(0 <= self.busy_timeout_ms <= 600_000, "store.busy_timeout_ms", "must be between 0 and 600000")
+
+
+@dataclass
+class LearnerConfig:
+    min_new_feedback: int = _f(1, "A user is trained only with at least this many unconsumed feedback events.")
+    lora_r: int = _f(8, "LoRA rank.")
+    lora_alpha: int = _f(16, "LoRA scaling numerator (scale = alpha / r).")
+    lora_dropout: float = _f(0.0, "Dropout on the LoRA path while training.")
+    target_modules: list = _f(["q_proj", "k_proj", "v_proj", "o_proj"], "Module names that get LoRA weights.")
+    learning_rate: float = _f(1e-3, "AdamW learning rate for the adapter.")
+    epochs: int = _f(2, "Passes over the run's pairs.")
+    batch_size: int = _f(4, "Pairs per optimizer step.")
+    beta: float = _f(0.1, "DPO/KTO temperature: how far the policy may move from the reference.")
+    sft_weight: float = _f(1.0, "Weight of the SFT term on chosen answers (keeps DPO from reward-hacking); 0 disables.")
+    max_length: int = _f(256, "Prompt + answer tokens kept per example (prompt truncated from the left).")
+    replay_size: int = _f(16, "Older training pairs replayed with each run (bounds cost as history grows).")
+    heldout_fraction: float = _f(0.2, "Share of each user's pairs kept out of training for the gate.")
+    seed: int = _f(0, "Seed for replay sampling, splits and training.")
+    keep_versions: int = _f(5, "Adapter versions kept on disk per user (the active one always kept).")
+    adapters_dir: str = _f("adapters", "Where adapters live; relative paths are under data_dir.")
+    gate_enabled: bool = _f(True, "Judge candidates before promotion; off promotes every finished run.")
+    gate_max_new_tokens: int = _f(96, "Reply length when the gate samples the candidate's answers.")
+    gate_max_degenerate_increase: float = _f(0.1, "Refuse when the candidate's degenerate-answer share rises by more than this.")
+    gate_max_kl: float = _f(2.0, "Refuse when per-token KL from the base on probe prompts exceeds this (nats).")
+    gate_min_logp_gain: float = _f(-0.05, "Refuse when held-out chosen log-likelihood per token drops below this vs the active adapter.")
+    schedule_minutes: int = _f(30, "Interval of `heed learn --schedule`.")
+    lease_seconds: int = _f(3600, "A run's claim on a user expires after this long (a crashed run frees the user).")
+
+    def __post_init__(self) -> None:
+        _check(self.min_new_feedback >= 1, "learner.min_new_feedback", "must be >= 1")
+        _check(1 <= self.lora_r <= 512, "learner.lora_r", "must be between 1 and 512")
+        _check(self.lora_alpha >= 1, "learner.lora_alpha", "must be >= 1")
+        _check(0.0 <= self.lora_dropout < 1.0, "learner.lora_dropout", "must be in [0, 1)")
+        _check(bool(self.target_modules) and all(isinstance(m, str) for m in self.target_modules), "learner.target_modules", "must be a non-empty list of names")
+        _check(0.0 < self.learning_rate <= 1.0, "learner.learning_rate", "must be in (0, 1]")
+        _check(1 <= self.epochs <= 100, "learner.epochs", "must be between 1 and 100")
+        _check(1 <= self.batch_size <= 1024, "learner.batch_size", "must be between 1 and 1024")
+        _check(0.0 < self.beta <= 10.0, "learner.beta", "must be in (0, 10]")
+        _check(0.0 <= self.sft_weight <= 100.0, "learner.sft_weight", "must be in [0, 100]")
+        _check(16 <= self.max_length <= 32_768, "learner.max_length", "must be between 16 and 32768")
+        _check(0 <= self.replay_size <= 100_000, "learner.replay_size", "must be between 0 and 100000")
+        _check(0.0 <= self.heldout_fraction < 1.0, "learner.heldout_fraction", "must be in [0, 1)")
+        _check(1 <= self.keep_versions <= 1000, "learner.keep_versions", "must be between 1 and 1000")
+        _check(bool(self.adapters_dir.strip()), "learner.adapters_dir", "must not be empty")
+        _check(1 <= self.gate_max_new_tokens <= 4096, "learner.gate_max_new_tokens", "must be between 1 and 4096")
+        _check(0.0 <= self.gate_max_degenerate_increase <= 1.0, "learner.gate_max_degenerate_increase", "must be in [0, 1]")
+        _check(self.gate_max_kl > 0, "learner.gate_max_kl", "must be > 0")
+        _check(1 <= self.schedule_minutes <= 10_080, "learner.schedule_minutes", "must be between 1 and 10080")
+        _check(10 <= self.lease_seconds <= 86_400, "learner.lease_seconds", "must be between 10 and 86400")
+
+
+@dataclass
+class AppConfig:
+    host: str = _f("127.0.0.1", "Address the web app binds; keep loopback unless you put it behind a proxy.")
+    port: int = _f(7860, "Port of the web app.")
+    title: str = _f("Heed", "Title shown in the browser.")
+    login_max_failures: int = _f(5, "Failed logins in a row before the account is locked for a while.")
+    login_lockout_seconds: int = _f(60, "How long an account stays locked after too many failures.")
+
+    def __post_init__(self) -> None:
+        _check(bool(self.host.strip()), "app.host", "must not be empty")
+        _check(1 <= self.port <= 65535, "app.port", "must be between 1 and 65535")
+        _check(1 <= self.login_max_failures <= 1000, "app.login_max_failures", "must be between 1 and 1000")
+        _check(0 <= self.login_lockout_seconds <= 86_400, "app.login_lockout_seconds", "must be between 0 and 86400")
+
+
+@dataclass
+class HeedConfig:
+    data_dir: str = _f("data", "Folder for the database, adapters and the converted model; relative to the working directory.")
+    model: ModelConfig = _f(None, "The base model and how it runs.")
+    generation: GenerationConfig = _f(None, "How replies are generated.")
+    store: StoreConfig = _f(None, "The SQLite store.")
+    learner: LearnerConfig = _f(None, "How adapters are trained, judged and promoted.")
+    app: AppConfig = _f(None, "The web app.")
+
+    def __post_init__(self) -> None:
+        _check(bool(self.data_dir.strip()), "data_dir", "must not be empty")
+        for name, cls in _SECTIONS.items():
+            if getattr(self, name) is None:
+                setattr(self, name, cls())
+
+    # Resolved paths, so every component agrees on where files live.
+    @property
+    def data_path(self) -> Path:
+        return Path(self.data_dir).expanduser()
+
+    @property
+    def db_path(self) -> Path:
+        p = Path(self.store.path).expanduser()
+        return p if p.is_absolute() else self.data_path / p
+
+    @property
+    def adapters_path(self) -> Path:
+        p = Path(self.learner.adapters_dir).expanduser()
+        return p if p.is_absolute() else self.data_path / p
+
+    @property
+    def models_path(self) -> Path:
+        return self.data_path / "models"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+_SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "generation": GenerationConfig,
+    "store": StoreConfig,
+    "learner": LearnerConfig,
+    "app": AppConfig,
+}
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    origin = typing.get_origin(tp)
+    if tp is bool:
+        _check(isinstance(value, bool), key, f"expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        _check(isinstance(value, int) and not isinstance(value, bool), key, f"expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        _check(isinstance(value, (int, float)) and not isinstance(value, bool), key, f"expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        _check(isinstance(value, (str, int, float)) and not isinstance(value, bool), key, f"expected a string, got {value!r}")
+        return str(value)
+    if tp is list or origin is list:
+        _check(isinstance(value, list), key, f"expected a list, got {value!r}")
+        return list(value)
+    if origin in (typing.Union, types.UnionType):
+        return value
+    return value
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    _check(isinstance(data, dict), prefix or "config", f"expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(f"unknown key {where}{unknown[0]} (known: {', '.join(sorted(names))})")
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{prefix}.{name}" if prefix else name
+        if name in _SECTIONS and cls is HeedConfig:
+            kwargs[name] = _build(_SECTIONS[name], value or {}, key)
+        else:
+            kwargs[name] = _coerce(key, value, hints[name])
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{prefix or 'config'}: {exc}") from exc
+
+
+def config_from_dict(data: dict | None) -> HeedConfig:
+    """Build a validated HeedConfig from a plain (YAML-shaped) dict."""
+    return _build(HeedConfig, data or {}, "")
+
+
+def load_config(path: str | os.PathLike | None = None, *, overrides: dict | None = None) -> HeedConfig:
+    """Load a YAML config file (or defaults when path is None), then apply overrides.
+
+    ``overrides`` is a nested dict merged over the file, e.g.
+    ``{"data_dir": "/tmp/x", "model": {"torch_threads": 1}}``.
+    """
+    import yaml
+
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{p}: not valid YAML: {exc}") from exc
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping")
+        data = loaded or {}
+    for key, value in (overrides or {}).items():
+        if isinstance(value, dict) and isinstance(data.get(key), dict):
+            data[key] = {**data[key], **value}
+        else:
+            data[key] = value
+    return config_from_dict(data)
+
+
+def describe(cls: type = HeedConfig) -> list[tuple[str, Any, str]]:
+    """(key, default, help) for every knob, for docs and `heed config`."""
+    rows = []
+    for f in dataclasses.fields(cls):
+        if cls is HeedConfig and f.name in _SECTIONS:
+            for k, d, h in describe(_SECTIONS[f.name]):
+                rows.append((f"{f.name}.{k}", d, h))
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        rows.append((f.name, default, f.metadata.get("help", "")))
+    return rows

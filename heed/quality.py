@@ -1,0 +1,55 @@
+"""Is an answer sensible? The published check used by the learner's gate and the benchmarks.
+
+An answer is degenerate when it is empty, echoes the prompt, repeats itself,
+or was cut off (generation hit the token limit before the model ended it).
+"""
+from __future__ import annotations
+
+import re
+
+_WORD = re.compile(r"\w+", re.UNICODE)
+
+
+def _ngrams(words: list[str], n: int) -> list[tuple[str, ...]]:
+    return [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+
+
+def repetition_share(text: str, n: int = 3) -> float:
+    """Share of word n-grams that are repeats of an earlier one (0 = none repeated)."""
+    grams = _ngrams(_WORD.findall(text.lower()), n)
+    if len(grams) < 4:
+        return 0.0
+    return 1.0 - len(set(grams)) / len(grams)
+
+
+def echo_share(answer: str, prompt: str) -> float:
+    """Share of the answer's word 4-grams that appear in the prompt."""
+    a = _ngrams(_WORD.findall(answer.lower()), 4)
+    if not a:
+        return 0.0
+    p = set(_ngrams(_WORD.findall(prompt.lower()), 4))
+    return sum(g in p for g in a) / len(a)
+
+
+def degeneration(answer: str, *, prompt: str = "", finished: bool = True, min_words: int = 2,
+                 max_repetition: float = 0.35, max_echo: float = 0.6) -> str | None:
+    """Why the answer is degenerate ('empty', 'too_short', 'cut_off', 'repetitive', 'echo'), or None if sensible."""
+    words = _WORD.findall(answer)
+    if not words:
+        return "empty"
+    if len(words) < min_words:
+        return "too_short"
+    if not finished:
+        return "cut_off"
+    if repetition_share(answer) > max_repetition:
+        return "repetitive"
+    if prompt and len(words) >= 4 and echo_share(answer, prompt) > max_echo:
+        return "echo"
+    # "A: A: A:" style loops have few distinct words.
+    if len(words) >= 8 and len({w.lower() for w in words}) / len(words) < 0.25:
+        return "repetitive"
+    return None
+
+
+def is_sensible(answer: str, *, prompt: str = "", finished: bool = True) -> bool:
+    return degeneration(answer, prompt=prompt, finished=finished) is None

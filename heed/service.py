@@ -1,0 +1,319 @@
+"""The service: the one facade the UI, the CLI, the learner's triggers, benchmarks and tests go through.
+
+Every method that touches user data takes ``user_id`` (from a login, never a
+form field) and the store refuses records that are not that user's.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+from .config import HeedConfig, load_config
+from .store import NotFound, Store, StoreError
+
+log = logging.getLogger(__name__)
+
+
+class InputError(ValueError):
+    """The request is invalid (empty, too long, wrong kind); nothing was stored."""
+
+
+@dataclass
+class Reply:
+    """A streamed answer: iterate for text pieces; ids are set as they are stored.
+
+    ``user_message_id`` is stored before generation starts, ``message_id`` once
+    the answer is complete (also when the consumer stops early: the partial
+    answer is kept, marked by ``stopped``).
+    """
+
+    _pieces: Iterator[str]
+    user_message_id: int | None = None
+    message_id: int | None = None
+    text: str = ""
+    stopped: bool = False
+    feedback_id: int | None = None
+    _on_done: Callable[["Reply"], None] | None = field(default=None, repr=False)
+
+    def __iter__(self) -> Iterator[str]:
+        finished = False
+        try:
+            for piece in self._pieces:
+                self.text += piece
+                yield piece
+            finished = True
+        finally:
+            self.stopped = not finished
+            if self._on_done is not None and self.message_id is None:
+                self._on_done(self)
+
+    def wait(self) -> "Reply":
+        for _ in self:
+            pass
+        return self
+
+
+def clean_text(text: object, *, limit: int, what: str = "message") -> str:
+    if not isinstance(text, str):
+        raise InputError(f"the {what} must be text")
+    text = text.replace("\x00", "")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        # Lone surrogates (possible from JS clients) cannot be stored as UTF-8.
+        text = text.encode("utf-8", "replace").decode("utf-8")
+    if not text.strip():
+        raise InputError(f"the {what} is empty")
+    if len(text) > limit:
+        raise InputError(f"the {what} is {len(text):,} characters; the limit is {limit:,}")
+    return text
+
+
+class Heed:
+    def __init__(self, config: HeedConfig, *, engine=None) -> None:
+        self.config = config
+        config.data_path.mkdir(parents=True, exist_ok=True)
+        self.store = Store(config.db_path, busy_timeout_ms=config.store.busy_timeout_ms)
+        self._engine = engine
+        self._engine_lock = threading.Lock()
+
+    @classmethod
+    def open(cls, config_path: str | Path | None = None, *, overrides: dict | None = None) -> "Heed":
+        return cls(load_config(config_path, overrides=overrides))
+
+    @property
+    def engine(self):
+        """The generation engine, loaded on first use (the CLI's user commands never need it)."""
+        if self._engine is None:
+            with self._engine_lock:
+                if self._engine is None:
+                    from .engine import Engine
+
+                    self._engine = Engine.load(self.config)
+        return self._engine
+
+    # -- users ------------------------------------------------------------------
+    def add_user(self, name: str, password: str) -> int:
+        return self.store.add_user(name, password=password)
+
+    def authenticate(self, name: str, password: str) -> int | None:
+        if not isinstance(name, str) or not isinstance(password, str) or len(name) > 64 or len(password) > 1024:
+            return None
+        return self.store.check_login(name, password, max_failures=self.config.app.login_max_failures,
+                                      lockout_seconds=self.config.app.login_lockout_seconds)
+
+    def user_id(self, name: str) -> int:
+        return self.store.user_id(name)
+
+    def delete_user(self, user_id: int) -> None:
+        import shutil
+
+        self.store.delete_user(user_id=user_id)
+        shutil.rmtree(self.config.adapters_path / str(user_id), ignore_errors=True)
+
+    # -- conversations --------------------------------------------------------------
+    def start_conversation(self, user_id: int, *, title: str = "") -> int:
+        """A new conversation, bound to the adapter version active now (it keeps it to the end)."""
+        active = self.store.active_adapter(user_id=user_id)
+        return self.store.create_conversation(user_id=user_id, title=title, adapter_version=active["version"] if active else None)
+
+    def list_conversations(self, user_id: int) -> list[dict]:
+        return self.store.list_conversations(user_id=user_id)
+
+    def history(self, user_id: int, conversation_id: int) -> list[dict]:
+        return self.store.history(user_id=user_id, conversation_id=conversation_id)
+
+    def rename_conversation(self, user_id: int, conversation_id: int, title: str) -> None:
+        self.store.rename_conversation(user_id=user_id, conversation_id=conversation_id, title=clean_text(title, limit=200, what="title"))
+
+    def delete_conversation(self, user_id: int, conversation_id: int) -> None:
+        self.store.delete_conversation(user_id=user_id, conversation_id=conversation_id)
+
+    # -- generation -------------------------------------------------------------------
+    def system_prompt(self, user_id: int) -> str:
+        notes = self.store.list_notes(user_id=user_id, active_only=True)
+        prompt = self.config.generation.system_prompt
+        if notes:
+            prompt += "\nThe user has asked you to follow these preferences:\n" + "\n".join(f"- {n['text']}" for n in notes)
+        return prompt
+
+    def adapter_for(self, user_id: int, conversation_id: int):
+        """The AdapterRef this conversation is served with, or None for the base model.
+
+        An adapter whose files are gone falls back to the base model (logged), so
+        a damaged adapter never takes the chat down.
+        """
+        from .engine import AdapterRef
+
+        conv = self.store.get_conversation(user_id=user_id, conversation_id=conversation_id)
+        version = conv["adapter_version"]
+        if version is None:
+            return None
+        row = next((a for a in self.store.list_adapters(user_id=user_id) if a["version"] == version), None)
+        if row is None or not (Path(row["path"]) / "adapter_config.json").is_file():
+            log.warning("user %s adapter v%s is missing on disk; serving the base model", user_id, version)
+            return None
+        return AdapterRef(key=f"u{user_id}v{version}", path=row["path"])
+
+    def _messages_for(self, user_id: int, context: list[dict], instruction: str | None = None) -> list[dict]:
+        msgs = [{"role": "system", "content": self.system_prompt(user_id)}]
+        msgs += [{"role": m["role"], "content": m["content"]} for m in context]
+        if instruction:
+            # In-session adaptation: the correction rides along as an instruction on the last user turn.
+            last = msgs[-1]
+            msgs[-1] = {"role": last["role"], "content": f"{last['content']}\n\n(Answer again, and this time: {instruction})"}
+        return msgs
+
+    def _stream_answer(self, user_id: int, conversation_id: int, context: list[dict], *, instruction: str | None = None,
+                       store_as: dict) -> Reply:
+        ref = self.adapter_for(user_id, conversation_id)
+        msgs = self._messages_for(user_id, context, instruction)
+        version = self.store.get_conversation(user_id=user_id, conversation_id=conversation_id)["adapter_version"]
+        pieces = self._engine_stream(msgs, ref)
+
+        def done(reply: Reply) -> None:
+            text = reply.text.strip() or "(no answer)"
+            reply.message_id = self.store.add_message(
+                user_id=user_id, conversation_id=conversation_id, role="assistant", content=text,
+                adapter_version=version if ref else None, instruction=instruction, **store_as,
+            )
+
+        return Reply(pieces, _on_done=done)
+
+    def _engine_stream(self, msgs: list[dict], ref) -> Iterator[str]:
+        from .engine import AdapterLoadError
+
+        try:
+            yield from self.engine.stream(msgs, adapter=ref)
+        except AdapterLoadError as exc:
+            log.warning("%s; serving the base model", exc)
+            yield from self.engine.stream(msgs, adapter=None)
+
+    def chat(self, user_id: int, conversation_id: int, text: str) -> Reply:
+        """Store the user's message, then stream the answer (stored when it ends)."""
+        text = clean_text(text, limit=self.config.generation.max_message_chars)
+        context = self.history(user_id, conversation_id)
+        if context and context[-1]["role"] == "user":
+            # An earlier answer never arrived (crash, stop): answer that turn first.
+            context = context[:-1]
+            self.store.set_message_status(user_id=user_id, message_id=self.history(user_id, conversation_id)[-1]["id"], status="superseded")
+        mid = self.store.add_message(user_id=user_id, conversation_id=conversation_id, role="user", content=text)
+        reply = self._stream_answer(user_id, conversation_id, context + [{"role": "user", "content": text}], store_as={})
+        reply.user_message_id = mid
+        return reply
+
+    def _answer(self, user_id: int, message_id: int) -> dict:
+        msg = self.store.get_message(user_id=user_id, message_id=message_id)
+        if msg["role"] != "assistant":
+            raise InputError("feedback goes on the assistant's answers")
+        return msg
+
+    # -- feedback --------------------------------------------------------------------
+    def thumb(self, user_id: int, message_id: int, up: bool | None, *, reasons: list[str] | None = None, comment: str = "") -> int | None:
+        """Vote on an answer; a second vote replaces the first; None withdraws it."""
+        self._answer(user_id, message_id)
+        if up is None:
+            existing = self.store.thumb_for(user_id=user_id, message_id=message_id)
+            if existing:
+                self.store.withdraw_feedback(user_id=user_id, feedback_id=existing["id"])
+            return None
+        reasons = [str(r)[:40] for r in (reasons or [])][:10]
+        comment = comment[:2000] if isinstance(comment, str) else ""
+        return self.store.record_feedback(user_id=user_id, kind="thumb", message_id=message_id,
+                                          payload={"up": bool(up), "reasons": reasons, "comment": comment})
+
+    def edit(self, user_id: int, message_id: int, new_text: str) -> int:
+        """The user's rewrite replaces the answer; the original is kept for the pair."""
+        msg = self._answer(user_id, message_id)
+        new_text = clean_text(new_text, limit=self.config.generation.max_message_chars, what="edit")
+        if new_text == msg["content"]:
+            raise InputError("the edit does not change the answer")
+        previous = msg["content"]
+        fid = self.store.record_feedback(user_id=user_id, kind="edit", message_id=message_id,
+                                         payload={"before": previous, "after": new_text})
+        self.store.set_message_content(user_id=user_id, message_id=message_id, content=new_text)
+        return fid
+
+    def correct(self, user_id: int, message_id: int, instruction: str) -> Reply:
+        """Regenerate the answer now with the correction; the pair is recorded when it ends."""
+        msg = self._answer(user_id, message_id)
+        instruction = clean_text(instruction, limit=500, what="correction")
+        context = self.store.context_before(user_id=user_id, message_id=message_id)
+        reply = self._stream_answer(user_id, msg["conversation_id"], context, instruction=instruction,
+                                    store_as={"position": msg["position"], "replaces_id": message_id})
+        inner = reply._on_done
+
+        def done(r: Reply) -> None:
+            inner(r)
+            self.store.set_message_status(user_id=user_id, message_id=message_id, status="superseded")
+            self.store.truncate_after(user_id=user_id, conversation_id=msg["conversation_id"], position=msg["position"])
+            r.feedback_id = self.store.record_feedback(
+                user_id=user_id, kind="correction", message_id=r.message_id,
+                payload={"instruction": instruction, "original_message_id": message_id, "before": msg["content"], "after": r.text.strip()},
+            )
+
+        reply._on_done = done
+        return reply
+
+    def regenerate(self, user_id: int, message_id: int) -> Reply:
+        """A second answer to the same context, stored as an alternative until the user picks."""
+        msg = self._answer(user_id, message_id)
+        context = self.store.context_before(user_id=user_id, message_id=message_id)
+        return self._stream_answer(user_id, msg["conversation_id"], context,
+                                   store_as={"position": msg["position"], "status": "alternative", "replaces_id": message_id})
+
+    def choose(self, user_id: int, chosen_id: int, other_id: int) -> int:
+        """The user picked ``chosen_id`` over ``other_id`` (two answers to one context)."""
+        chosen, other = self._answer(user_id, chosen_id), self._answer(user_id, other_id)
+        if chosen_id == other_id or chosen["conversation_id"] != other["conversation_id"] or chosen["position"] != other["position"]:
+            raise InputError("pick between two answers to the same message")
+        fid = self.store.record_feedback(user_id=user_id, kind="comparison", message_id=chosen_id,
+                                         payload={"chosen_id": chosen_id, "rejected_id": other_id,
+                                                  "chosen": chosen["content"], "rejected": other["content"]})
+        self.store.set_message_status(user_id=user_id, message_id=chosen_id, status="active")
+        self.store.set_message_status(user_id=user_id, message_id=other_id, status="alternative")
+        return fid
+
+    def rate(self, user_id: int, conversation_id: int, stars: int) -> int:
+        if not isinstance(stars, int) or isinstance(stars, bool) or not 1 <= stars <= 5:
+            raise InputError("a rating is a whole number from 1 to 5")
+        self.store.get_conversation(user_id=user_id, conversation_id=conversation_id)
+        return self.store.record_feedback(user_id=user_id, kind="rating", conversation_id=conversation_id, payload={"stars": stars})
+
+    # -- notes --------------------------------------------------------------------------
+    def add_note(self, user_id: int, text: str) -> int:
+        return self.store.add_note(user_id=user_id, text=clean_text(text, limit=500, what="note"))
+
+    def notes(self, user_id: int) -> list[dict]:
+        return self.store.list_notes(user_id=user_id)
+
+    # -- learning -----------------------------------------------------------------------
+    def learn(self, user_id: int, *, trigger: str = "manual", progress: Callable[[str, float], None] | None = None) -> dict:
+        """Run the learner for this user now (in this process) and return the run's summary."""
+        from learner.run import learn_user
+
+        return learn_user(self.config, self.store, user_id=user_id, trigger=trigger, progress=progress)
+
+    def adapter_status(self, user_id: int) -> dict:
+        active = self.store.active_adapter(user_id=user_id)
+        seen = self.store.seen_adapter_version(user_id=user_id)
+        return {
+            "active": active,
+            "versions": self.store.list_adapters(user_id=user_id),
+            "runs": self.store.list_runs(user_id=user_id, limit=10),
+            "unconsumed_feedback": self.store.count_unconsumed(user_id=user_id),
+            "new_since_last_session": bool(active) and active["version"] != seen,
+        }
+
+    def mark_adapter_seen(self, user_id: int) -> None:
+        active = self.store.active_adapter(user_id=user_id)
+        self.store.mark_adapter_seen(user_id=user_id, version=active["version"] if active else None)
+
+    def rollback(self, user_id: int, version: int | None) -> None:
+        self.store.set_active_version(user_id=user_id, version=version)
+
+
+__all__ = ["Heed", "Reply", "InputError", "NotFound", "StoreError"]

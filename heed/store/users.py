@@ -1,0 +1,89 @@
+"""Users: creation, login bookkeeping, deletion."""
+from __future__ import annotations
+
+import re
+
+from .db import NotFound, StoreError, now
+from .passwords import hash_password, verify_password
+
+NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+class UsersMixin:
+    def add_user(self, name: str, *, password: str) -> int:
+        if not NAME_RE.match(name or ""):
+            raise StoreError("user names are 1-64 letters, digits, '.', '_' or '-'")
+        if not password or len(password) > 1024:
+            raise StoreError("a password must be 1 to 1024 characters")
+        hashed = hash_password(password)
+        with self.db.write() as db:
+            if db.execute("SELECT 1 FROM users WHERE name = ?", [name]).fetchone():
+                raise StoreError(f"user {name!r} already exists")
+            cur = db.execute("INSERT INTO users (name, password_hash, created_at) VALUES (?, ?, ?)", [name, hashed, now()])
+            return cur.lastrowid
+
+    def user_id(self, name: str) -> int:
+        with self.db.connect() as db:
+            row = db.execute("SELECT id FROM users WHERE name = ?", [name]).fetchone()
+        if row is None:
+            raise NotFound(f"no user named {name!r}")
+        return row[0]
+
+    def user_name(self, user_id: int) -> str:
+        with self.db.connect() as db:
+            row = db.execute("SELECT name FROM users WHERE id = ?", [user_id]).fetchone()
+        if row is None:
+            raise NotFound(f"no user with id {user_id}")
+        return row[0]
+
+    def list_users(self) -> list[dict]:
+        with self.db.connect() as db:
+            return list(db.query("SELECT id, name, created_at FROM users ORDER BY name"))
+
+    def check_login(self, name: str, password: str, *, max_failures: int, lockout_seconds: int) -> int | None:
+        """The user's id when the password is right and the account is not locked, else None.
+
+        Failures are counted per account; after ``max_failures`` in a row the
+        account is locked for ``lockout_seconds`` (even the right password waits).
+        """
+        with self.db.connect() as db:
+            row = db.execute("SELECT id, password_hash, locked_until FROM users WHERE name = ?", [name]).fetchone()
+        if row is None:
+            # Same cost as a real check, so timing does not reveal which names exist.
+            verify_password(password, hash_password("x"))
+            return None
+        user_id, stored, locked_until = row
+        if locked_until > now():
+            return None
+        ok = verify_password(password, stored)
+        with self.db.write() as db:
+            if ok:
+                db.execute("UPDATE users SET failed_logins = 0 WHERE id = ?", [user_id])
+            else:
+                db.execute("UPDATE users SET failed_logins = failed_logins + 1 WHERE id = ?", [user_id])
+                fails = db.execute("SELECT failed_logins FROM users WHERE id = ?", [user_id]).fetchone()[0]
+                if fails >= max_failures:
+                    db.execute("UPDATE users SET locked_until = ?, failed_logins = 0 WHERE id = ?", [now() + lockout_seconds, user_id])
+        return user_id if ok else None
+
+    def set_password(self, *, user_id: int, password: str) -> None:
+        if not password or len(password) > 1024:
+            raise StoreError("a password must be 1 to 1024 characters")
+        with self.db.write() as db:
+            db.execute("UPDATE users SET password_hash = ?, failed_logins = 0, locked_until = 0 WHERE id = ?", [hash_password(password), user_id])
+
+    def delete_user(self, *, user_id: int) -> None:
+        """Remove the user and (by cascade) every row of theirs."""
+        with self.db.write() as db:
+            cur = db.execute("DELETE FROM users WHERE id = ?", [user_id])
+            if cur.rowcount == 0:
+                raise NotFound(f"no user with id {user_id}")
+
+    def seen_adapter_version(self, *, user_id: int) -> int | None:
+        with self.db.connect() as db:
+            row = db.execute("SELECT seen_adapter_version FROM users WHERE id = ?", [user_id]).fetchone()
+        return row[0] if row else None
+
+    def mark_adapter_seen(self, *, user_id: int, version: int | None) -> None:
+        with self.db.write() as db:
+            db.execute("UPDATE users SET seen_adapter_version = ? WHERE id = ?", [version, user_id])

@@ -1,0 +1,110 @@
+import sqlite3
+import threading
+
+import pytest
+
+from heed.store import NotFound, Store, StoreError
+
+
+@pytest.fixture
+def store(tmp_path):
+    return Store(tmp_path / "heed.db")
+
+
+def test_schema_is_versioned_and_reopening_is_a_no_op(tmp_path):
+    Store(tmp_path / "heed.db")
+    again = Store(tmp_path / "heed.db")
+    with again.db.connect() as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] >= 1
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert db.execute("PRAGMA foreign_keys").fetchone()[0] == 1
+
+
+def test_a_newer_schema_is_refused(tmp_path):
+    path = tmp_path / "heed.db"
+    Store(path)
+    conn = sqlite3.connect(path)
+    conn.execute("PRAGMA user_version = 999")
+    conn.close()
+    with pytest.raises(StoreError, match="newer"):
+        Store(path)
+
+
+def test_passwords_are_salted_hashes(store):
+    store.add_user("alice", password="same")
+    store.add_user("bob", password="same")
+    with store.db.connect() as db:
+        hashes = [r[0] for r in db.execute("SELECT password_hash FROM users")]
+    assert hashes[0] != hashes[1]
+    assert all(h.startswith("scrypt$") and "same" not in h for h in hashes)
+
+
+def test_login_locks_after_repeated_failures(store):
+    uid = store.add_user("alice", password="right")
+    for _ in range(3):
+        assert store.check_login("alice", "wrong", max_failures=3, lockout_seconds=60) is None
+    # Locked: even the right password is refused for a while.
+    assert store.check_login("alice", "right", max_failures=3, lockout_seconds=60) is None
+    with store.db.write() as db:
+        db.execute("UPDATE users SET locked_until = 0")
+    assert store.check_login("alice", "right", max_failures=3, lockout_seconds=60) == uid
+
+
+def test_reads_are_scoped_to_the_user(store):
+    a = store.add_user("alice", password="x")
+    b = store.add_user("bob", password="x")
+    conv = store.create_conversation(user_id=a)
+    mid = store.add_message(user_id=a, conversation_id=conv, role="assistant", content="secret of alice")
+    with pytest.raises(NotFound):
+        store.get_message(user_id=b, message_id=mid)
+    with pytest.raises(NotFound):
+        store.history(user_id=b, conversation_id=conv)
+    with pytest.raises(NotFound):
+        store.add_message(user_id=b, conversation_id=conv, role="user", content="hi")
+    with pytest.raises(NotFound):
+        store.record_feedback(user_id=b, kind="thumb", message_id=mid, payload={"up": False})
+    assert store.list_conversations(user_id=b) == []
+    assert store.list_feedback(user_id=a) == []
+
+
+def test_one_thumb_per_answer_and_a_changed_vote_is_unconsumed_again(store):
+    a = store.add_user("alice", password="x")
+    conv = store.create_conversation(user_id=a)
+    mid = store.add_message(user_id=a, conversation_id=conv, role="assistant", content="answer")
+    first = store.record_feedback(user_id=a, kind="thumb", message_id=mid, payload={"up": True})
+    second = store.record_feedback(user_id=a, kind="thumb", message_id=mid, payload={"up": False})
+    rows = store.list_feedback(user_id=a)
+    assert first == second and len(rows) == 1 and rows[0]["payload"] == {"up": False}
+
+
+def test_deleting_a_conversation_removes_its_messages_and_feedback(store):
+    a = store.add_user("alice", password="x")
+    conv = store.create_conversation(user_id=a)
+    mid = store.add_message(user_id=a, conversation_id=conv, role="assistant", content="answer")
+    store.record_feedback(user_id=a, kind="thumb", message_id=mid, payload={"up": True})
+    store.delete_conversation(user_id=a, conversation_id=conv)
+    assert store.list_feedback(user_id=a) == []
+    with pytest.raises(NotFound):
+        store.record_feedback(user_id=a, kind="thumb", message_id=mid, payload={"up": True})
+
+
+def test_concurrent_writers_lose_nothing(store):
+    a = store.add_user("alice", password="x")
+    conv = store.create_conversation(user_id=a)
+    errors = []
+
+    def write(n):
+        try:
+            for i in range(25):
+                store.add_message(user_id=a, conversation_id=conv, role="user", content=f"w{n}-{i}")
+        except Exception as exc:  # collected and asserted below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=write, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert len(store.history(user_id=a, conversation_id=conv)) == 200
+    assert store.integrity_check() == "ok"

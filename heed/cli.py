@@ -143,6 +143,15 @@ def cmd_backup(args) -> int:
     return 0
 
 
+def cmd_restore(args) -> int:
+    from .backup import restore
+
+    path = args.config if args.config else (DEFAULT_CONFIG if os.path.isfile(DEFAULT_CONFIG) else None)
+    config = load_config(path, overrides={"data_dir": args.data_dir} if args.data_dir else None)
+    print(json.dumps(restore(args.src, config, force=args.force), indent=2))
+    return 0
+
+
 def cmd_model(args) -> int:
     config = load_config(args.config or (DEFAULT_CONFIG if os.path.isfile(DEFAULT_CONFIG) else None))
     from .models import resolve_model
@@ -201,9 +210,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", required=True)
     e.set_defaults(fn=cmd_export)
 
-    b = sub.add_parser("backup", help="consistent copy of the database and active adapters")
-    b.add_argument("dest")
+    b = sub.add_parser("backup", help="consistent copy of the database and the adapters it serves (safe while the app runs)")
+    b.add_argument("dest", help="a new or empty folder; it can later serve as a data_dir")
     b.set_defaults(fn=cmd_backup)
+
+    r = sub.add_parser("restore", help="put a backup in place as the configured database and adapters (stop the app first)")
+    r.add_argument("src", help="a folder written by `heed backup`")
+    r.add_argument("--force", action="store_true", help="replace a database that already has users")
+    r.set_defaults(fn=cmd_restore)
 
     m = sub.add_parser("model", help="prepare the configured base model (converts the embedded GGUF once)")
     m.set_defaults(fn=cmd_model)

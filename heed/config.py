@@ -8,6 +8,7 @@ to a default.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -41,6 +42,8 @@ class ModelConfig:
     torch_threads: int = _f(2, "torch.set_num_threads for inference and training; 0 leaves torch's default.")
     max_cached_adapters: int = _f(16, "How many users' adapters the engine keeps loaded (LRU).")
     trust_remote_code: bool = _f(False, "Allow model code from the model folder (off: only transformers' own classes run).")
+    max_batch: int = _f(8, "Replies generated together when several users ask at once (each keeps its own adapter).")
+    batch_window_ms: int = _f(5, "How long a new request waits for others to join its batch, in milliseconds.")
 
     def __post_init__(self) -> None:
         _check(bool(self.name_or_path.strip()), "model.name_or_path", "must not be empty")
@@ -48,6 +51,8 @@ class ModelConfig:
         _check(self.dtype in ("float32", "bfloat16", "float16", "auto"), "model.dtype", f"unknown dtype {self.dtype!r}")
         _check(0 <= self.torch_threads <= 256, "model.torch_threads", "must be between 0 and 256")
         _check(1 <= self.max_cached_adapters <= 10_000, "model.max_cached_adapters", "must be between 1 and 10000")
+        _check(1 <= self.max_batch <= 256, "model.max_batch", "must be between 1 and 256")
+        _check(0 <= self.batch_window_ms <= 1000, "model.batch_window_ms", "must be between 0 and 1000")
 
 
 @dataclass
@@ -69,6 +74,7 @@ class GenerationConfig:
         _check(0.5 <= self.repetition_penalty <= 3.0, "generation.repetition_penalty", "must be in [0.5, 3]")
         _check(1 <= self.max_message_chars <= 1_000_000, "generation.max_message_chars", "must be between 1 and 1000000")
         _check(16 <= self.max_context_tokens <= 1_000_000, "generation.max_context_tokens", "must be between 16 and 1000000")
+        _check(0 <= self.seed < 2**32, "generation.seed", "must be between 0 and 2**32-1")
 
 
 @dataclass
@@ -93,19 +99,25 @@ class LearnerConfig:
     batch_size: int = _f(4, "Pairs per optimizer step.")
     beta: float = _f(0.1, "DPO/KTO temperature: how far the policy may move from the reference.")
     sft_weight: float = _f(1.0, "Weight of the SFT term on chosen answers (keeps DPO from reward-hacking); 0 disables.")
-    max_length: int = _f(256, "Prompt + answer tokens kept per example (prompt truncated from the left).")
+    reference: str = _f("base", "DPO/KTO reference: 'base' (the adapter disabled) or 'previous' (a frozen copy of the active adapter).")
+    paired_loss: str = _f("dpo", "How pairs train: 'dpo' (DPO + SFT term; unpaired examples get a KTO pass after) or 'kto' (each pair split into a good and a bad example; one KTO pass for all).")
+    kto_weight_balance: bool = _f(True, "Weigh KTO's desirable/undesirable losses so both labels count equally however many of each there are.")
+    max_length: int = _f(256, "Prompt + answer tokens kept per example; the oldest turns of a long context are dropped first.")
     replay_size: int = _f(16, "Older training pairs replayed with each run (bounds cost as history grows).")
-    heldout_fraction: float = _f(0.2, "Share of each user's pairs kept out of training for the gate.")
+    heldout_fraction: float = _f(0.2, "Share of each user's answers whose feedback is kept out of training for the gate.")
     seed: int = _f(0, "Seed for replay sampling, splits and training.")
     keep_versions: int = _f(5, "Adapter versions kept on disk per user (the active one always kept).")
     adapters_dir: str = _f("adapters", "Where adapters live; relative paths are under data_dir.")
     gate_enabled: bool = _f(True, "Judge candidates before promotion; off promotes every finished run.")
     gate_max_new_tokens: int = _f(96, "Reply length when the gate samples the candidate's answers.")
-    gate_max_degenerate_increase: float = _f(0.1, "Refuse when the candidate's degenerate-answer share rises by more than this.")
+    gate_max_contexts: int = _f(16, "Held-out contexts the gate answers (besides the fixed probe prompts).")
+    gate_max_degenerate_increase: float = _f(0.1, "Refuse when the share of empty, one-word, echoed or repetitive answers rises by more than this.")
+    gate_max_cutoff_increase: float = _f(0.5, "Refuse when the share of answers that never end (cut at gate_max_new_tokens) rises by more than this.")
     gate_max_kl: float = _f(2.0, "Refuse when per-token KL from the base on probe prompts exceeds this (nats).")
     gate_min_logp_gain: float = _f(-0.05, "Refuse when held-out chosen log-likelihood per token drops below this vs the active adapter.")
-    schedule_minutes: int = _f(30, "Interval of `heed learn --schedule`.")
-    lease_seconds: int = _f(3600, "A run's claim on a user expires after this long (a crashed run frees the user).")
+    schedule_minutes: int = _f(30, "Interval of `heed learn --schedule` (used when schedule_cron is empty).")
+    schedule_cron: str = _f("", "Crontab line for `heed learn --schedule` (e.g. '0 3 * * *'); empty uses schedule_minutes.")
+    lease_seconds: int = _f(900, "A run's claim on a user; renewed while it trains, so it expires only after a crash.")
 
     def __post_init__(self) -> None:
         _check(self.min_new_feedback >= 1, "learner.min_new_feedback", "must be >= 1")
@@ -118,15 +130,22 @@ class LearnerConfig:
         _check(1 <= self.batch_size <= 1024, "learner.batch_size", "must be between 1 and 1024")
         _check(0.0 < self.beta <= 10.0, "learner.beta", "must be in (0, 10]")
         _check(0.0 <= self.sft_weight <= 100.0, "learner.sft_weight", "must be in [0, 100]")
+        _check(self.reference in ("base", "previous"), "learner.reference", f"must be 'base' or 'previous', got {self.reference!r}")
+        _check(self.paired_loss in ("dpo", "kto"), "learner.paired_loss", f"must be 'dpo' or 'kto', got {self.paired_loss!r}")
         _check(16 <= self.max_length <= 32_768, "learner.max_length", "must be between 16 and 32768")
         _check(0 <= self.replay_size <= 100_000, "learner.replay_size", "must be between 0 and 100000")
         _check(0.0 <= self.heldout_fraction < 1.0, "learner.heldout_fraction", "must be in [0, 1)")
+        _check(0 <= self.seed < 2**32, "learner.seed", "must be between 0 and 2**32-1")
         _check(1 <= self.keep_versions <= 1000, "learner.keep_versions", "must be between 1 and 1000")
         _check(bool(self.adapters_dir.strip()), "learner.adapters_dir", "must not be empty")
         _check(1 <= self.gate_max_new_tokens <= 4096, "learner.gate_max_new_tokens", "must be between 1 and 4096")
+        _check(0 <= self.gate_max_contexts <= 1000, "learner.gate_max_contexts", "must be between 0 and 1000")
         _check(0.0 <= self.gate_max_degenerate_increase <= 1.0, "learner.gate_max_degenerate_increase", "must be in [0, 1]")
+        _check(0.0 <= self.gate_max_cutoff_increase <= 1.0, "learner.gate_max_cutoff_increase", "must be in [0, 1]")
         _check(self.gate_max_kl > 0, "learner.gate_max_kl", "must be > 0")
         _check(1 <= self.schedule_minutes <= 10_080, "learner.schedule_minutes", "must be between 1 and 10080")
+        if self.schedule_cron.strip():
+            _check(len(self.schedule_cron.split()) == 5, "learner.schedule_cron", "must have 5 fields: minute hour day month weekday")
         _check(10 <= self.lease_seconds <= 86_400, "learner.lease_seconds", "must be between 10 and 86400")
 
 
@@ -199,9 +218,11 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         return value
     if tp is int:
         _check(isinstance(value, int) and not isinstance(value, bool), key, f"expected an integer, got {value!r}")
+        _check(-(2**63) < value < 2**63, key, "is out of range")
         return value
     if tp is float:
         _check(isinstance(value, (int, float)) and not isinstance(value, bool), key, f"expected a number, got {value!r}")
+        _check(abs(value) < 2**63 if isinstance(value, int) else math.isfinite(value), key, f"expected a finite number, got {value!r}")
         return float(value)
     if tp is str:
         _check(isinstance(value, (str, int, float)) and not isinstance(value, bool), key, f"expected a string, got {value!r}")

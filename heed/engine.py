@@ -1,24 +1,34 @@
-"""The engine: one frozen base model, users' LoRA adapters on top, streamed generation.
+"""The engine: one frozen base model, users' LoRA adapters on top, streamed and batched generation.
 
 Adapters are loaded once into a peft multi-adapter model and kept in an LRU
-cache. Serving one stream merges the user's LoRA delta into fresh copies of the
-base weights (``W0 + BA``) and swaps them in, so an adapted reply runs at the
-base model's speed; the untouched ``W0`` tensors are kept and swapped back, so a
-user without an adapter gets bit-identical base weights. Requests are
-serialized by one lock: the swapped weights and peft's active adapter are
-global state, and two users must never see each other's adapter. A batch of
-requests with different adapters goes through peft's per-row ``adapter_names``.
+cache. Requests go through one queue: a worker takes whatever is waiting
+(up to ``model.max_batch``) and answers it in one ``generate`` call, so
+concurrent users share forward passes.
+- One adapter in the batch (the usual single stream): its LoRA delta is merged
+  into spare copies of the base weights (``W0 + s·BA``, written into buffers
+  kept for this) and those are swapped in, so an adapted reply runs at the base
+  model's speed. The untouched ``W0`` parameters are swapped back afterwards,
+  so a user without an adapter gets bit-identical base weights.
+- Several adapters in one batch: the base weights stay as they are and each
+  LoRA layer adds ``s_i·B_i A_i x_i`` per row with two batched matmuls
+  (``heed.lora_batch``); rows without an adapter get zeros.
+The merged weights, peft's state and the hooks are global state, so every
+forward pass runs under one lock: two users never see each other's adapter.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import queue
 import threading
-from collections import OrderedDict
+import time
+from collections import OrderedDict, deque
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator
 
 from .config import GenerationConfig, HeedConfig, ModelConfig
+from .lora_batch import BatchStreamer, Row, RowStop, mixed_lora, vanilla
 
 log = logging.getLogger(__name__)
 
@@ -92,14 +102,9 @@ def render(tokenizer, messages: list[dict], *, max_tokens: int) -> list[int]:
         del msgs[start]
 
 
-class _Cancel:
-    def __init__(self) -> None:
-        self.event = threading.Event()
-
-    def __call__(self, input_ids, scores, **kwargs):
-        import torch
-
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+def _gen_key(gen: GenerationConfig) -> tuple:
+    # Requests batch together only when they decode the same way (one seed per batch).
+    return (gen.do_sample, gen.temperature, gen.top_p, gen.repetition_penalty, gen.seed if gen.do_sample else None)
 
 
 class Engine:
@@ -111,10 +116,15 @@ class Engine:
         self.peft = None  # the PeftModel, made when the first adapter loads
         self._cache: OrderedDict[str, str] = OrderedDict()  # key -> path, LRU order
         self._lock = threading.RLock()
-        self._originals: dict = {}  # LoRA-wrapped module -> untouched base weight tensor
+        self._originals: dict = {}  # LoRA layer -> its untouched base weight Parameter
+        self._buffers: dict = {}  # LoRA layer -> Parameter that holds W0 + delta while merged
         self._merged_key: str | None = None
-        self._merged: dict = {}
         self.device = next(model.parameters()).device
+        self._pending: deque[Row] = deque()
+        self._cv = threading.Condition()
+        self._worker: threading.Thread | None = None
+        self.batches_run = 0  # generate calls that served requests (tests and benchmarks read these two)
+        self.tokens_generated = 0
 
     @classmethod
     def load(cls, config: HeedConfig) -> "Engine":
@@ -142,12 +152,13 @@ class Engine:
 
                     self.peft = PeftModel.from_pretrained(self.base, str(path), adapter_name=ref.key, is_trainable=False)
                     self.peft.eval()
-                    self._record_originals()
                 else:
                     self.peft.load_adapter(str(path), adapter_name=ref.key, is_trainable=False)
             except (OSError, ValueError, KeyError, RuntimeError) as exc:
                 raise AdapterLoadError(f"adapter {ref.key} at {path} could not be loaded: {exc}") from exc
             self.peft.base_model.disable_adapter_layers()
+            for layer in self._lora_layers():
+                self._originals.setdefault(layer, layer.get_base_layer().weight)
             self._cache[ref.key] = str(path)
             while len(self._cache) > self.model_cfg.max_cached_adapters:
                 old, _ = self._cache.popitem(last=False)
@@ -163,36 +174,43 @@ class Engine:
     def _lora_layers(self):
         from peft.tuners.lora import LoraLayer
 
-        return [m for m in self.peft.modules() if isinstance(m, LoraLayer)]
-
-    def _record_originals(self) -> None:
-        for layer in self._lora_layers():
-            self._originals[layer] = layer.get_base_layer().weight.data
+        return [m for m in self.peft.modules() if isinstance(m, LoraLayer)] if self.peft is not None else []
 
     def _restore_base(self) -> None:
         if self._merged_key is None:
             return
-        for layer, weight in self._originals.items():
-            layer.get_base_layer().weight.data = weight
+        if self._merged_key.startswith("peft:"):
+            self.peft.base_model.disable_adapter_layers()
+        else:
+            for layer, weight in self._originals.items():
+                layer.get_base_layer().weight = weight
         self._merged_key = None
-        self._merged = {}
 
     def _merge_in(self, key: str) -> None:
-        """Serve ``key`` at base speed: base weights become fresh ``W0 + delta`` tensors."""
+        """Serve ``key`` at base speed: base weights become ``W0 + s·BA`` in reused buffers."""
         import torch
 
-        if self._merged_key == key:
+        if self._merged_key in (key, f"peft:{key}"):
             return
         self._restore_base()
+        layers = [layer for layer in self._lora_layers() if key in layer.lora_A]
+        if not all(vanilla(layer, key) for layer in layers):
+            # DoRA, biases or other variants: let peft compute them, unmerged.
+            self.peft.base_model.set_adapter(key)
+            self.peft.base_model.enable_adapter_layers()
+            self._merged_key = f"peft:{key}"
+            return
         with torch.no_grad():
-            for layer in self._lora_layers():
-                if key not in layer.lora_A:
-                    continue
-                if layer not in self._originals:
-                    self._originals[layer] = layer.get_base_layer().weight.data
+            for layer in layers:
+                base = layer.get_base_layer()
                 w0 = self._originals[layer]
-                merged = w0 + layer.get_delta_weight(key).to(w0.dtype)
-                layer.get_base_layer().weight.data = merged
+                buf = self._buffers.get(layer)
+                if buf is None or buf.shape != w0.shape:
+                    buf = self._buffers[layer] = torch.nn.Parameter(torch.empty_like(w0), requires_grad=False)
+                a, b = layer.lora_A[key].weight, layer.lora_B[key].weight
+                torch.addmm(w0, b.to(w0.dtype), a.to(w0.dtype), alpha=layer.scaling[key], out=buf.data)
+                # A new Parameter object, not .data: a tied weight (lm_head/embeddings) must keep its own W0.
+                base.weight = buf
         self._merged_key = key
 
     def activate(self, ref: AdapterRef | None) -> None:
@@ -205,9 +223,9 @@ class Engine:
             self._merge_in(ref.key)
 
     # -- generation ---------------------------------------------------------
-    def _gen_kwargs(self, gen: GenerationConfig, max_new_tokens: int | None) -> dict:
+    def _gen_kwargs(self, gen: GenerationConfig, max_new_tokens: int) -> dict:
         kw = dict(
-            max_new_tokens=max_new_tokens or gen.max_new_tokens,
+            max_new_tokens=max_new_tokens,
             do_sample=gen.do_sample,
             repetition_penalty=gen.repetition_penalty,
             pad_token_id=self.tokenizer.pad_token_id,
@@ -223,47 +241,123 @@ class Engine:
         budget = self.gen_cfg.max_context_tokens - (max_new_tokens or self.gen_cfg.max_new_tokens)
         return render(self.tokenizer, messages, max_tokens=max(budget, 8))
 
+    def _row(self, messages, adapter, max_new_tokens, gen, out=None) -> Row:
+        gen = gen or self.gen_cfg
+        n = max_new_tokens or gen.max_new_tokens
+        return Row(ids=self.prompt_ids(messages, max_new_tokens=n), adapter=adapter, max_new=n, gen=gen, out=out)
+
+    def _run(self, rows: list[Row]) -> None:
+        """Answer ``rows`` in one generate call; each row's tokens land in the row (and its queue)."""
+        import torch
+        from transformers import StoppingCriteriaList
+
+        with self._lock:
+            live = []
+            for r in rows:
+                try:
+                    if r.adapter is not None:
+                        self.ensure_adapter(r.adapter)
+                    live.append(r)
+                except AdapterLoadError as exc:
+                    r.fail(exc)
+            if not live:
+                return
+            gen = live[0].gen
+            width = max(len(r.ids) for r in live)
+            pad = self.tokenizer.pad_token_id
+            input_ids = torch.tensor([[pad] * (width - len(r.ids)) + r.ids for r in live], device=self.device)
+            mask = torch.tensor([[0] * (width - len(r.ids)) + [1] * len(r.ids) for r in live], device=self.device)
+            keys = {r.adapter.key if r.adapter else None for r in live}
+            streamer = BatchStreamer(live, self.tokenizer)
+            kw = self._gen_kwargs(gen, max(r.max_new for r in live))
+            self.batches_run += 1
+            try:
+                with torch.inference_mode():
+                    if gen.do_sample:
+                        torch.manual_seed(gen.seed)
+                    if len(keys) == 1:
+                        self.activate(live[0].adapter)
+                        ctx, model, extra = contextlib.nullcontext(), self.base, {}
+                    else:
+                        self._restore_base()
+                        ctx, model, extra = mixed_lora(self.peft, [r.adapter.key if r.adapter else None for r in live])
+                    with ctx:
+                        model.generate(input_ids=input_ids, attention_mask=mask, streamer=streamer,
+                                       stopping_criteria=StoppingCriteriaList([RowStop(live, width)]), **extra, **kw)
+            except BaseException as exc:
+                for r in live:
+                    r.fail(exc)
+                raise
+            finally:
+                self.tokens_generated += sum(len(r.tokens) for r in live)
+
+    # -- the request queue ----------------------------------------------------
+    def _submit(self, row: Row) -> None:
+        with self._cv:
+            self._pending.append(row)
+            self._cv.notify()
+            if self._worker is None:
+                self._worker = threading.Thread(target=self._work, name="heed-engine", daemon=True)
+                self._worker.start()
+
+    def _take(self) -> list[Row]:
+        """The next batch: the oldest request plus waiting ones that decode the same way."""
+        first = self._pending.popleft()
+        batch, keys, rest = [first], {first.adapter.key if first.adapter else None}, deque()
+        while self._pending:
+            r = self._pending.popleft()
+            key = r.adapter.key if r.adapter else None
+            fits = len(batch) < self.model_cfg.max_batch and _gen_key(r.gen) == _gen_key(first.gen)
+            if fits and (key in keys or len(keys) < self.model_cfg.max_cached_adapters):
+                batch.append(r)
+                keys.add(key)
+            else:
+                rest.append(r)
+        self._pending.extendleft(reversed(rest))
+        return [r for r in batch if not r.cancel.is_set()]
+
+    def _work(self) -> None:
+        window = self.model_cfg.batch_window_ms / 1000
+        while True:
+            with self._cv:
+                if not self._pending:
+                    self._cv.wait(timeout=2.0)
+                if not self._pending:
+                    # Idle: the thread ends (a later request starts a new one), so engines can be freed.
+                    self._worker = None
+                    return
+            if window:
+                time.sleep(window)  # let requests that arrive together share the batch
+            with self._lock:  # taken before the batch leaves the queue, so wait_idle sees it
+                with self._cv:
+                    batch = self._take()
+                if not batch:
+                    continue
+                try:
+                    self._run(batch)
+                except Exception:  # already delivered to every row's consumer; keep serving others
+                    log.exception("generation failed for a batch of %d", len(batch))
+
+    # -- public generation API --------------------------------------------------
     def stream(self, messages: list[dict], *, adapter: AdapterRef | None = None, max_new_tokens: int | None = None,
                gen: GenerationConfig | None = None) -> Iterator[str]:
         """Yield the reply's text as it grows, piece by piece.
 
-        Closing the iterator early stops generation at the next token.
+        Closing the iterator early stops this reply at the next token (others in its batch go on).
         """
-        import torch
-        from transformers import StoppingCriteriaList, TextIteratorStreamer
-
-        gen = gen or self.gen_cfg
-        ids = self.prompt_ids(messages, max_new_tokens=max_new_tokens)
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
-        cancel = _Cancel()
-        errors: list[BaseException] = []
-
-        def work() -> None:
-            try:
-                with self._lock, torch.inference_mode():
-                    self.activate(adapter)
-                    if gen.do_sample:
-                        torch.manual_seed(gen.seed)
-                    input_ids = torch.tensor([ids], device=self.device)
-                    self.base.generate(
-                        input_ids=input_ids, attention_mask=torch.ones_like(input_ids), streamer=streamer,
-                        stopping_criteria=StoppingCriteriaList([cancel]), **self._gen_kwargs(gen, max_new_tokens),
-                    )
-            except BaseException as exc:  # re-raised in the consumer's thread below
-                errors.append(exc)
-                streamer.end()
-
-        thread = threading.Thread(target=work, name="heed-generate", daemon=True)
-        thread.start()
+        out: queue.Queue = queue.Queue()
+        row = self._row(messages, adapter, max_new_tokens, gen, out=out)
+        self._submit(row)
         try:
-            for piece in streamer:
-                if piece:
-                    yield piece
+            while True:
+                item = out.get()
+                if item is Row.END:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
         finally:
-            cancel.event.set()
-            thread.join()
-        if errors:
-            raise errors[0]
+            row.cancel.set()
 
     def generate(self, messages: list[dict], *, adapter: AdapterRef | None = None, max_new_tokens: int | None = None,
                  gen: GenerationConfig | None = None) -> str:
@@ -277,40 +371,26 @@ class Engine:
         With ``with_finish`` each item is ``(text, finished)``: finished is False
         when the answer hit the token limit before the model ended it.
         """
-        import torch
-
-        gen = gen or self.gen_cfg
         adapters = adapters or [None] * len(conversations)
         if len(adapters) != len(conversations):
             raise ValueError("one adapter (or None) per conversation")
-        prompts = [self.prompt_ids(m, max_new_tokens=max_new_tokens) for m in conversations]
-        width = max(len(p) for p in prompts)
-        pad = self.tokenizer.pad_token_id
-        input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=self.device)
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
-        with self._lock, torch.inference_mode():
-            if gen.do_sample:
-                torch.manual_seed(gen.seed)
-            kinds = {a.key if a else None for a in adapters}
-            if len(kinds) == 1:
-                self.activate(adapters[0])
-                out = self.base.generate(input_ids=input_ids, attention_mask=mask, **self._gen_kwargs(gen, max_new_tokens))
-            else:
-                for a in adapters:
-                    if a is not None:
-                        self.ensure_adapter(a)
-                self._restore_base()
-                self.peft.base_model.enable_adapter_layers()
-                try:
-                    names = [a.key if a else "__base__" for a in adapters]
-                    out = self.peft.generate(input_ids=input_ids, attention_mask=mask, adapter_names=names, **self._gen_kwargs(gen, max_new_tokens))
-                finally:
-                    self.peft.base_model.disable_adapter_layers()
-        eos = self.tokenizer.eos_token_id
-        texts = [self.tokenizer.decode(row[width:], skip_special_tokens=True) for row in out]
-        if not with_finish:
-            return texts
-        return [(t, bool((row[width:] == eos).any())) for t, row in zip(texts, out)]
+        rows = [self._row(m, a, max_new_tokens, gen) for m, a in zip(conversations, adapters)]
+        if not rows:
+            return []
+        self._run(rows)
+        for r in rows:
+            if r.error is not None:
+                raise r.error
+        texts = [r.text() for r in rows]
+        return [(t, r.finished) for t, r in zip(texts, rows)] if with_finish else texts
+
+    def wait_idle(self) -> None:
+        """Block until no request is waiting or being generated."""
+        while True:
+            with self._lock, self._cv:
+                if not self._pending:
+                    return
+            time.sleep(0.01)
 
     def with_generation(self, **changes) -> GenerationConfig:
         return replace(self.gen_cfg, **changes)

@@ -6,13 +6,16 @@ form field) and the store refuses records that are not that user's.
 from __future__ import annotations
 
 import logging
+import secrets
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
 from .config import HeedConfig, load_config
+from .learn_jobs import LearnJobs
 from .store import NotFound, Store, StoreError
+from .validate import check_arguments
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +59,31 @@ class Reply:
         return self
 
 
+def _adapter_problem(folder: Path) -> str | None:
+    """Why the adapter in ``folder`` cannot be served, or None. Cheap: reads the JSON config and the
+    safetensors header (which also catches a truncated file), never the weights."""
+    import json
+
+    from safetensors import SafetensorError, safe_open
+
+    config = folder / "adapter_config.json"
+    weights = folder / "adapter_model.safetensors"
+    try:
+        json.loads(config.read_text(encoding="utf-8"))
+        with safe_open(str(weights), framework="pt") as f:
+            if not list(f.keys()):
+                return f"{weights} holds no weights"
+    except FileNotFoundError as exc:
+        return f"{exc.filename} is missing"
+    except (OSError, ValueError, SafetensorError) as exc:
+        return f"{folder.name} is damaged: {type(exc).__name__}: {exc}"
+    return None
+
+
+def _storable(text: str) -> str:
+    return text.replace("\x00", "").encode("utf-8", "replace").decode("utf-8")
+
+
 def clean_text(text: object, *, limit: int, what: str = "message") -> str:
     if not isinstance(text, str):
         raise InputError(f"the {what} must be text")
@@ -79,6 +107,7 @@ class Heed:
         self.store = Store(config.db_path, busy_timeout_ms=config.store.busy_timeout_ms)
         self._engine = engine
         self._engine_lock = threading.Lock()
+        self._jobs = LearnJobs(config)
 
     @classmethod
     def open(cls, config_path: str | Path | None = None, *, overrides: dict | None = None) -> "Heed":
@@ -153,10 +182,13 @@ class Heed:
         if version is None:
             return None
         row = next((a for a in self.store.list_adapters(user_id=user_id) if a["version"] == version), None)
-        if row is None or not (Path(row["path"]) / "adapter_config.json").is_file():
-            log.warning("user %s adapter v%s is missing on disk; serving the base model", user_id, version)
+        problem = "its record is gone" if row is None else _adapter_problem(Path(row["path"]))
+        if problem:
+            log.warning("user %s adapter v%s cannot be served (%s); serving the base model", user_id, version, problem)
             return None
-        return AdapterRef(key=f"u{user_id}v{version}", path=row["path"])
+        # SQLite reuses a deleted user's id, so user and version alone could name a
+        # deleted account's adapter still in the engine's cache; its creation time cannot.
+        return AdapterRef(key=f"u{user_id}v{version}t{int(row['created_at'] * 1e6)}", path=row["path"])
 
     def _messages_for(self, user_id: int, context: list[dict], instruction: str | None = None) -> list[dict]:
         msgs = [{"role": "system", "content": self.system_prompt(user_id)}]
@@ -168,11 +200,13 @@ class Heed:
         return msgs
 
     def _stream_answer(self, user_id: int, conversation_id: int, context: list[dict], *, instruction: str | None = None,
-                       store_as: dict) -> Reply:
+                       store_as: dict, sample: bool = False) -> Reply:
         ref = self.adapter_for(user_id, conversation_id)
         msgs = self._messages_for(user_id, context, instruction)
         version = self.store.get_conversation(user_id=user_id, conversation_id=conversation_id)["adapter_version"]
-        pieces = self._engine_stream(msgs, ref)
+        # An alternative must differ from the first answer, which greedy decoding would repeat exactly.
+        gen = self.engine.with_generation(do_sample=True, seed=secrets.randbelow(2**31)) if sample else None
+        pieces = self._engine_stream(msgs, ref, gen)
 
         def done(reply: Reply) -> None:
             text = reply.text.strip() or "(no answer)"
@@ -183,14 +217,22 @@ class Heed:
 
         return Reply(pieces, _on_done=done)
 
-    def _engine_stream(self, msgs: list[dict], ref) -> Iterator[str]:
+    def _engine_stream(self, msgs: list[dict], ref, gen=None) -> Iterator[str]:
         from .engine import AdapterLoadError
 
+        from safetensors import SafetensorError
+
+        started = False
         try:
-            yield from self.engine.stream(msgs, adapter=ref)
-        except AdapterLoadError as exc:
+            for piece in self.engine.stream(msgs, adapter=ref, gen=gen):
+                started = True
+                yield piece
+        except (AdapterLoadError, SafetensorError) as exc:
+            if started:
+                raise
+            # The files changed after adapter_for looked at them (or peft refused them).
             log.warning("%s; serving the base model", exc)
-            yield from self.engine.stream(msgs, adapter=None)
+            yield from self.engine.stream(msgs, adapter=None, gen=gen)
 
     def chat(self, user_id: int, conversation_id: int, text: str) -> Reply:
         """Store the user's message, then stream the answer (stored when it ends)."""
@@ -204,6 +246,26 @@ class Heed:
         reply = self._stream_answer(user_id, conversation_id, context + [{"role": "user", "content": text}], store_as={})
         reply.user_message_id = mid
         return reply
+
+    def resend(self, user_id: int, message_id: int, text: str) -> Reply:
+        """The user rewrote one of their messages: the conversation branches there and gets a new answer.
+
+        The old message and everything after it stay in the store as superseded.
+        """
+        msg = self.store.get_message(user_id=user_id, message_id=message_id)
+        if msg["role"] != "user" or msg["status"] != "active":
+            raise InputError("only your own messages in the conversation can be rewritten")
+        text = clean_text(text, limit=self.config.generation.max_message_chars)
+        self.store.truncate_after(user_id=user_id, conversation_id=msg["conversation_id"], position=msg["position"] - 1)
+        return self.chat(user_id, msg["conversation_id"], text)
+
+    def undo(self, user_id: int, conversation_id: int) -> str:
+        """Take back the last exchange (kept in the store as superseded); returns the user's text to edit and resend."""
+        last = next((m for m in reversed(self.history(user_id, conversation_id)) if m["role"] == "user"), None)
+        if last is None:
+            raise InputError("there is nothing to undo")
+        self.store.truncate_after(user_id=user_id, conversation_id=conversation_id, position=last["position"] - 1)
+        return last["content"]
 
     def _answer(self, user_id: int, message_id: int) -> dict:
         msg = self.store.get_message(user_id=user_id, message_id=message_id)
@@ -220,8 +282,11 @@ class Heed:
             if existing:
                 self.store.withdraw_feedback(user_id=user_id, feedback_id=existing["id"])
             return None
-        reasons = [str(r)[:40] for r in (reasons or [])][:10]
-        comment = comment[:2000] if isinstance(comment, str) else ""
+        if not isinstance(reasons, (list, tuple, type(None))):
+            raise InputError("reasons must be a list of short texts")
+        # Optional free text: may be empty, but must be storable (no NULs, no lone surrogates).
+        reasons = [_storable(str(r))[:40] for r in (reasons or [])][:10]
+        comment = _storable(comment)[:2000] if isinstance(comment, str) else ""
         return self.store.record_feedback(user_id=user_id, kind="thumb", message_id=message_id,
                                           payload={"up": bool(up), "reasons": reasons, "comment": comment})
 
@@ -262,7 +327,7 @@ class Heed:
         """A second answer to the same context, stored as an alternative until the user picks."""
         msg = self._answer(user_id, message_id)
         context = self.store.context_before(user_id=user_id, message_id=message_id)
-        return self._stream_answer(user_id, msg["conversation_id"], context,
+        return self._stream_answer(user_id, msg["conversation_id"], context, sample=True,
                                    store_as={"position": msg["position"], "status": "alternative", "replaces_id": message_id})
 
     def choose(self, user_id: int, chosen_id: int, other_id: int) -> int:
@@ -284,8 +349,16 @@ class Heed:
         return self.store.record_feedback(user_id=user_id, kind="rating", conversation_id=conversation_id, payload={"stars": stars})
 
     # -- notes --------------------------------------------------------------------------
-    def add_note(self, user_id: int, text: str) -> int:
-        return self.store.add_note(user_id=user_id, text=clean_text(text, limit=500, what="note"))
+    def add_note(self, user_id: int, text: str, *, feedback_id: int | None = None) -> int:
+        return self.store.add_note(user_id=user_id, text=clean_text(text, limit=500, what="note"), feedback_id=feedback_id)
+
+    def update_note(self, user_id: int, note_id: int, *, text: str | None = None, active: bool | None = None) -> None:
+        if text is not None:
+            text = clean_text(text, limit=500, what="note")
+        self.store.update_note(user_id=user_id, note_id=note_id, text=text, active=None if active is None else bool(active))
+
+    def delete_note(self, user_id: int, note_id: int) -> None:
+        self.store.delete_note(user_id=user_id, note_id=note_id)
 
     def notes(self, user_id: int) -> list[dict]:
         return self.store.list_notes(user_id=user_id)
@@ -296,6 +369,17 @@ class Heed:
         from learner.run import learn_user
 
         return learn_user(self.config, self.store, user_id=user_id, trigger=trigger, progress=progress)
+
+    def learn_in_background(self, user_id: int) -> dict:
+        """Start a learner run for this user in a child process (training loads its own model copy).
+
+        Returns ``{"started": bool, "reason": str}``; refused while a run for this user is going.
+        """
+        return self._jobs.start(self.store, user_id=user_id)
+
+    def learn_progress(self, user_id: int) -> dict:
+        """The state of this user's background run: running, stage, fraction, and the result when done."""
+        return self._jobs.progress(self.store, user_id=user_id)
 
     def adapter_status(self, user_id: int) -> dict:
         active = self.store.active_adapter(user_id=user_id)
@@ -315,5 +399,8 @@ class Heed:
     def rollback(self, user_id: int, version: int | None) -> None:
         self.store.set_active_version(user_id=user_id, version=version)
 
+
+# Values from the web, the CLI or a script: a wrong type or an absurd id is an InputError here.
+check_arguments(Heed, error=InputError)
 
 __all__ = ["Heed", "Reply", "InputError", "NotFound", "StoreError"]

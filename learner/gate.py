@@ -1,15 +1,21 @@
 """The promotion gate: judge a candidate adapter by what it generates, against the active one.
 
 Held-out implicit-reward accuracy saturated at 1.00 here even for adapters that
-changed nothing (STACK.md), so it is reported but never decides. What decides:
-- degeneration of generated answers on held-out contexts and fixed probes;
-- drift from the base: per-token KL(candidate || base) on the probes' answers;
-- likelihood of the user's held-out chosen answers, candidate vs active.
+changed nothing (STACK.md), so it is reported but never decides. What decides,
+on the user's held-out contexts plus a fixed set of probe prompts:
+- degeneration: the share of empty, one-word, echoed or repetitive answers
+  (``heed.quality``) may not rise by more than ``gate_max_degenerate_increase``;
+- answers that never end (cut at ``gate_max_new_tokens``) may not rise by more
+  than ``gate_max_cutoff_increase`` (a looser bound: a user who wants longer
+  answers legitimately gets more of them cut at the gate's short limit);
+- drift: per-token KL(candidate || base) on the candidate's probe answers;
+- the likelihood of the user's held-out chosen answers, candidate vs active.
 """
 from __future__ import annotations
 
 import logging
 from dataclasses import replace
+from typing import Callable
 
 from heed.config import HeedConfig
 from heed.quality import degeneration
@@ -28,61 +34,96 @@ PROBES = [
 ]
 
 
-def _sequence_ids(tokenizer, messages: list[dict], answer: str) -> tuple[list[int], int]:
-    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+def sequence_ids(tokenizer, messages: list[dict], answer: str) -> tuple[list[int], int]:
+    """Token ids of the chat plus ``answer`` as the assistant's turn, and where the answer starts."""
+    from .train import _ids
+
+    prompt = _ids(tokenizer, messages)
     full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": answer}], tokenize=True, return_dict=False)
-    prompt, full = list(prompt), list(full)
+    full = list(full["input_ids"] if isinstance(full, dict) else full)
     if full[:len(prompt)] != prompt:
         # Templates that rewrite earlier turns: fall back to plain concatenation.
         full = prompt + tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     return full, len(prompt)
 
 
-def _token_logprobs(engine, ids: list[int], start: int):
+def _token_logprobs(model, device, ids: list[int], start: int):
     import torch
 
-    x = torch.tensor([ids], device=engine.device)
-    logits = engine.base(input_ids=x).logits[0, start - 1:-1].float()
+    x = torch.tensor([ids], device=device)
+    logits = model(input_ids=x).logits[0, start - 1:-1].float()
     return torch.log_softmax(logits, dim=-1), x[0, start:]
 
 
-def evaluate(config: HeedConfig, *, candidate_dir: str, active_dir: str | None, heldout: list[dict]) -> dict:
-    """Gate figures for the candidate and the verdict: {'promote': bool, 'reasons': [...], ...}."""
+def _unique_prompts(heldout: list[dict], limit: int) -> list[list[dict]]:
+    seen, out = set(), []
+    for p in heldout:
+        key = repr(p["prompt"])
+        if key not in seen and len(out) < limit:
+            seen.add(key)
+            out.append(p["prompt"])
+    return out
+
+
+def _judge(outs: list[tuple[str, bool]], contexts: list[list[dict]]) -> tuple[float, float, list[str]]:
+    """(degenerate share, cut-off share, reasons) of a set of answers."""
+    reasons, cut = [], 0
+    for (text, finished), ctx in zip(outs, contexts):
+        why = degeneration(text, prompt=ctx[-1]["content"], finished=True)
+        if why:
+            reasons.append(why)
+        elif not finished:
+            cut += 1
+    n = max(len(outs), 1)
+    return len(reasons) / n, cut / n, reasons
+
+
+def evaluate(config: HeedConfig, **kw) -> dict:
+    """Gate figures for the candidate and the verdict: {'promote': bool, 'reasons': [...], ...}.
+
+    Keywords: ``candidate_dir``, ``active_dir`` (None: the base model),
+    ``heldout`` (the user's held-out examples), optionally ``progress``.
+    """
+    from .train import library_noise_muted
+
+    with library_noise_muted():
+        return _evaluate(config, **kw)
+
+
+def _evaluate(config: HeedConfig, *, candidate_dir: str, active_dir: str | None, heldout: list[dict],
+              progress: Callable[[str, float], None] | None = None, model_and_tokenizer=None) -> dict:
     import torch
 
     from heed.engine import AdapterRef, Engine, load_base
 
+    from .train import quiet_progress_bars
+
     lc = config.learner
-    model, tokenizer = load_base(config)
+    quiet_progress_bars()
+    model, tokenizer = model_and_tokenizer or load_base(config)
     gen = replace(config.generation, do_sample=False, max_new_tokens=lc.gate_max_new_tokens)
     engine = Engine(model, tokenizer, model_cfg=replace(config.model, max_cached_adapters=4), gen_cfg=gen)
     cand = AdapterRef("candidate", candidate_dir)
     act = AdapterRef("active", active_dir) if active_dir else None
     system = {"role": "system", "content": config.generation.system_prompt}
 
-    contexts = []
-    seen = set()
-    for p in heldout:
-        key = repr(p["prompt"])
-        if key not in seen:
-            seen.add(key)
-            contexts.append(p["prompt"])
-    contexts = contexts[:16] + [[{"role": "user", "content": q}] for q in PROBES]
+    contexts = _unique_prompts(heldout, lc.gate_max_contexts) + [[{"role": "user", "content": q}] for q in PROBES]
     chats = [[system, *c] for c in contexts]
+    batches = [chats[i:i + 8] for i in range(0, len(chats), 8)]
+    done = [0]
 
     def answers(ref):
         out = []
-        for i in range(0, len(chats), 8):
-            out += engine.generate_batch(chats[i:i + 8], adapters=[ref] * len(chats[i:i + 8]), with_finish=True)
+        for b in batches:
+            out += engine.generate_batch(b, adapters=[ref] * len(b), with_finish=True)
+            done[0] += 1
+            if progress:
+                progress("gate", 0.9 * done[0] / (2 * len(batches)))
         return out
 
-    def degenerate_share(outs):
-        reasons = [degeneration(t, prompt=c[-1]["content"], finished=f) for (t, f), c in zip(outs, contexts)]
-        return sum(r is not None for r in reasons) / len(reasons), [r for r in reasons if r]
-
     cand_out, act_out = answers(cand), answers(act)
-    deg_c, why_c = degenerate_share(cand_out)
-    deg_a, _ = degenerate_share(act_out)
+    deg_c, cut_c, why_c = _judge(cand_out, contexts)
+    deg_a, cut_a, _ = _judge(act_out, contexts)
 
     with torch.inference_mode():
         # Drift: KL(candidate || base) per token on the candidate's own probe answers.
@@ -90,53 +131,68 @@ def evaluate(config: HeedConfig, *, candidate_dir: str, active_dir: str | None, 
         for chat, (text, _) in list(zip(chats, cand_out))[-len(PROBES):]:
             if not text.strip():
                 continue
-            ids, start = _sequence_ids(tokenizer, chat, text)
+            ids, start = sequence_ids(tokenizer, chat, text)
             engine.activate(cand)
-            lp_c, _ = _token_logprobs(engine, ids, start)
+            lp_c, _ = _token_logprobs(engine.base, engine.device, ids, start)
             engine.activate(None)
-            lp_b, _ = _token_logprobs(engine, ids, start)
+            lp_b, _ = _token_logprobs(engine.base, engine.device, ids, start)
             kls.append(float((lp_c.exp() * (lp_c - lp_b)).sum(-1).mean()))
         kl = sum(kls) / len(kls) if kls else 0.0
 
-        # Held-out chosen answers: mean log-likelihood per token, candidate vs active; implicit reward vs base.
-        def mean_logp(ref, messages, answer):
-            ids, start = _sequence_ids(tokenizer, messages, answer)
+        def logp(ref, messages, answer):
+            ids, start = sequence_ids(tokenizer, messages, answer)
             engine.activate(ref)
-            lp, tgt = _token_logprobs(engine, ids, start)
+            lp, tgt = _token_logprobs(engine.base, engine.device, ids, start)
             return float(lp.gather(-1, tgt[:, None]).sum()), len(tgt)
 
+        # Held-out chosen answers: log-likelihood per token, candidate vs active; implicit reward vs the base.
         gains, correct, n_pairs = [], 0, 0
         for p in heldout:
             chosen = p.get("chosen") or (p.get("completion") if p.get("label", 1) else None)
             if not chosen:
                 continue
             msgs = [system, *p["prompt"]]
-            lc_, n = mean_logp(cand, msgs, chosen)
-            la_, _ = mean_logp(act, msgs, chosen)
-            gains.append((lc_ - la_) / max(n, 1))
+            lc_c, n = logp(cand, msgs, chosen)
+            lc_a, _ = logp(act, msgs, chosen)
+            gains.append((lc_c - lc_a) / max(n, 1))
             if p.get("rejected"):
-                lb_c, _ = mean_logp(None, msgs, chosen)
-                lc_r, _ = mean_logp(cand, msgs, p["rejected"])
-                lb_r, _ = mean_logp(None, msgs, p["rejected"])
-                correct += (lc_ - lb_c) > (lc_r - lb_r)
+                lb_c, _ = logp(None, msgs, chosen)
+                lr_c, _ = logp(cand, msgs, p["rejected"])
+                lr_b, _ = logp(None, msgs, p["rejected"])
+                correct += (lc_c - lb_c) > (lr_c - lr_b)
                 n_pairs += 1
+        engine.activate(None)
     gain = sum(gains) / len(gains) if gains else None
 
     reasons = []
     if deg_c - deg_a > lc.gate_max_degenerate_increase:
         reasons.append(f"degenerate answers rose from {deg_a:.0%} to {deg_c:.0%} ({', '.join(sorted(set(why_c)))})")
+    if cut_c - cut_a > lc.gate_max_cutoff_increase:
+        reasons.append(f"answers that never end rose from {cut_a:.0%} to {cut_c:.0%}")
     if kl > lc.gate_max_kl:
         reasons.append(f"drift from the base KL {kl:.2f} > {lc.gate_max_kl}")
     if gain is not None and gain < lc.gate_min_logp_gain:
         reasons.append(f"held-out chosen answers got less likely ({gain:+.3f} nats/token)")
+    if progress:
+        progress("gate", 1.0)
+
+    def words(outs):
+        return sum(len(t.split()) for t, _ in outs) / max(len(outs), 1)
+
     return {
         "promote": not reasons,
         "reasons": reasons,
+        "n_contexts": len(contexts),
         "degenerate_candidate": deg_c,
         "degenerate_active": deg_a,
+        "cutoff_candidate": cut_c,
+        "cutoff_active": cut_a,
+        "mean_words_candidate": words(cand_out),
+        "mean_words_active": words(act_out),
         "kl_from_base": kl,
         "heldout_logp_gain": gain,
         "heldout_n": len(gains),
         "implicit_reward_accuracy": correct / n_pairs if n_pairs else None,
-        "samples": [t for t, _ in cand_out[-3:]],
+        "samples": [{"prompt": c[-1]["content"], "candidate": t, "active": a}
+                    for c, (t, _), (a, _) in list(zip(contexts, cand_out, act_out))[-3:]],
     }

@@ -1,9 +1,22 @@
 """Feedback events -> training signal, following DESIGN.md's feedback-to-signal table.
 
+| feedback                 | examples made here                                                   |
+|--------------------------|----------------------------------------------------------------------|
+| edit                     | dpo (chosen = edited, rejected = original) + sft (the edited answer) |
+| correction               | dpo (corrected over original) + sft, on the context WITHOUT the       |
+|                          | correction, so the adapter learns to do it unasked                    |
+| comparison (pick 1 of 2) | dpo (picked over the other)                                          |
+| thumbs                   | dpo when an up and a down answer share a context, else kto           |
+| conversation rating      | a weight (0.5x-1.5x) on every example of that conversation, and kto  |
+|                          | labels for its answers nobody judged otherwise (1-2 stars: bad,      |
+|                          | 4-5 stars: good)                                                     |
+
 Every example carries the context the answer was given in (the conversation's
 active messages before it, without the system prompt: the trainer adds the
-configured one, the same the chat serves with) and a deterministic split:
-held-out examples never train.
+configured one, the same the chat serves with). The train/held-out split is
+decided once per answer (conversation and position) from a hash, so every
+signal about one answer lands on the same side and held-out examples never
+train.
 """
 from __future__ import annotations
 
@@ -12,15 +25,13 @@ from collections import defaultdict
 
 from heed.store import NotFound, Store
 
+JUDGED_KINDS = ("thumb", "edit", "correction", "comparison")
 
-def split_for(*, user_id: int, feedback_id: int, heldout_fraction: float, seed: int = 0) -> str:
-    """'train' or 'heldout', fixed forever for one (user, feedback event)."""
-    digest = hashlib.sha256(f"{seed}:{user_id}:{feedback_id}".encode()).digest()
+
+def split_for(*, user_id: int, key: str, heldout_fraction: float, seed: int = 0) -> str:
+    """'train' or 'heldout', fixed forever for one (user, answer key)."""
+    digest = hashlib.sha256(f"{seed}:{user_id}:{key}".encode()).digest()
     return "heldout" if int.from_bytes(digest[:8], "big") / 2**64 < heldout_fraction else "train"
-
-
-def _ex(fb: dict, split: str, kind: str, prompt: list[dict], **fields) -> dict:
-    return {"feedback_id": fb["id"], "source": fb["kind"], "kind": kind, "prompt": prompt, "split": split, "weight": 1.0, **fields}
 
 
 def rating_weights(feedback: list[dict]) -> dict[int, float]:
@@ -28,83 +39,133 @@ def rating_weights(feedback: list[dict]) -> dict[int, float]:
     return {f["conversation_id"]: 0.5 + (int(f["payload"]["stars"]) - 1) / 4 for f in feedback if f["kind"] == "rating"}
 
 
+class _Messages:
+    """Per-build cache of the user's messages and contexts (a context costs three queries)."""
+
+    def __init__(self, store: Store, user_id: int) -> None:
+        self.store, self.user_id = store, user_id
+        self._msg: dict[int, dict | None] = {}
+        self._ctx: dict[int, list[dict] | None] = {}
+
+    def message(self, message_id: int | None) -> dict | None:
+        if message_id is None:
+            return None
+        if message_id not in self._msg:
+            try:
+                self._msg[message_id] = self.store.get_message(user_id=self.user_id, message_id=message_id)
+            except NotFound:
+                self._msg[message_id] = None
+        return self._msg[message_id]
+
+    def context(self, message_id: int | None) -> list[dict] | None:
+        """The chat before the answer; None when the answer is gone or opens the conversation."""
+        if message_id is None:
+            return None
+        if message_id not in self._ctx:
+            try:
+                ctx = self.store.context_before(user_id=self.user_id, message_id=message_id)
+            except NotFound:
+                ctx = None
+            # An answer with no user turn before it has nothing to condition on.
+            self._ctx[message_id] = ctx if ctx and ctx[-1]["role"] == "user" else None
+        return self._ctx[message_id]
+
+
+def _same(a: str, b: str) -> bool:
+    return " ".join(a.split()) == " ".join(b.split())
+
+
 def build_examples(store: Store, *, user_id: int, feedback: list[dict], heldout_fraction: float, seed: int = 0,
                    all_feedback: list[dict] | None = None) -> list[dict]:
     """Training examples (dpo pairs, kto singles, sft targets) from this user's feedback events.
 
     ``all_feedback`` (default: ``feedback``) is what ratings and thumb-pairing
-    look across, so a new thumb can pair with an older one on the same context.
+    look across, so a new thumb can pair with an older one on the same context
+    and a rating weighs the new feedback of its conversation.
     """
     all_feedback = all_feedback if all_feedback is not None else feedback
     weights = rating_weights(all_feedback)
+    msgs = _Messages(store, user_id)
     out: list[dict] = []
 
-    def context(message_id: int) -> list[dict] | None:
-        try:
-            return store.context_before(user_id=user_id, message_id=message_id)
-        except NotFound:
-            return None
+    def emit(fb: dict, answer: dict, kind: str, prompt: list[dict], **fields) -> None:
+        key = f"{answer['conversation_id']}:{answer['position']}"
+        out.append({"feedback_id": fb["id"], "source": fb["kind"], "kind": kind, "prompt": prompt,
+                    "split": split_for(user_id=user_id, key=key, heldout_fraction=heldout_fraction, seed=seed),
+                    "weight": fields.pop("weight", weights.get(fb["conversation_id"], 1.0)), **fields})
 
+    edited = {f["message_id"] for f in all_feedback if f["kind"] == "edit"}
+    judged = {f["message_id"] for f in all_feedback if f["kind"] in JUDGED_KINDS}
+    # Thumbs grouped by the context they answer: an up and a down there make a pair.
     thumbs: dict[tuple, list[tuple[dict, dict]]] = defaultdict(list)
     for fb in all_feedback:
-        if fb["kind"] == "thumb" and fb["message_id"] is not None:
-            try:
-                msg = store.get_message(user_id=user_id, message_id=fb["message_id"])
-            except NotFound:
-                continue
-            thumbs[(msg["conversation_id"], msg["position"])].append((fb, msg))
+        if fb["kind"] == "thumb" and fb["message_id"] not in edited:
+            msg = msgs.message(fb["message_id"])
+            if msg is not None:
+                thumbs[(msg["conversation_id"], msg["position"])].append((fb, msg))
 
     new_ids = {f["id"] for f in feedback}
     for fb in feedback:
-        split = split_for(user_id=user_id, feedback_id=fb["id"], heldout_fraction=heldout_fraction, seed=seed)
-        w = weights.get(fb["conversation_id"], 1.0)
         p = fb["payload"]
-        if fb["kind"] == "edit":
-            ctx = context(fb["message_id"])
-            if ctx is None or not ctx:
+        kind = fb["kind"]
+        if kind == "edit":
+            msg, ctx = msgs.message(fb["message_id"]), msgs.context(fb["message_id"])
+            if msg is None or ctx is None or _same(p["after"], p["before"]):
                 continue
-            out.append(_ex(fb, split, "dpo", ctx, chosen=p["after"], rejected=p["before"], weight=w))
-            out.append(_ex(fb, split, "sft", ctx, completion=p["after"], weight=w))
-        elif fb["kind"] == "correction":
+            emit(fb, msg, "dpo", ctx, chosen=p["after"], rejected=p["before"])
+            emit(fb, msg, "sft", ctx, completion=p["after"])
+        elif kind == "correction":
             # The pair sits on the context *without* the correction, so the adapter learns to do it unasked.
-            ctx = context(p["original_message_id"])
-            if not ctx or not p.get("after"):
+            orig = msgs.message(p.get("original_message_id"))
+            ctx = msgs.context(p.get("original_message_id"))
+            after = (p.get("after") or "").strip()
+            if orig is None or ctx is None or not after or _same(after, p["before"]):
                 continue
-            out.append(_ex(fb, split, "dpo", ctx, chosen=p["after"], rejected=p["before"], weight=w))
-            out.append(_ex(fb, split, "sft", ctx, completion=p["after"], weight=w))
-        elif fb["kind"] == "comparison":
-            ctx = context(p["chosen_id"])
-            if not ctx:
+            emit(fb, orig, "dpo", ctx, chosen=after, rejected=p["before"])
+            emit(fb, orig, "sft", ctx, completion=after)
+        elif kind == "comparison":
+            msg, ctx = msgs.message(p["chosen_id"]), msgs.context(p["chosen_id"])
+            # Greedy decoding can regenerate the very same answer: a choice between equals says nothing.
+            if msg is None or ctx is None or _same(p["chosen"], p["rejected"]):
                 continue
-            out.append(_ex(fb, split, "dpo", ctx, chosen=p["chosen"], rejected=p["rejected"], weight=w))
-        elif fb["kind"] == "thumb":
-            try:
-                msg = store.get_message(user_id=user_id, message_id=fb["message_id"])
-            except NotFound:
-                continue
-            ctx = context(fb["message_id"])
-            if not ctx:
+            emit(fb, msg, "dpo", ctx, chosen=p["chosen"], rejected=p["rejected"])
+        elif kind == "thumb":
+            if fb["message_id"] in edited:
+                continue  # the edit of the same answer says more than the vote
+            msg, ctx = msgs.message(fb["message_id"]), msgs.context(fb["message_id"])
+            if msg is None or ctx is None:
                 continue
             up = bool(p["up"])
-            partners = [(g, m) for g, m in thumbs[(msg["conversation_id"], msg["position"])] if bool(g["payload"]["up"]) != up]
-            # Pair once: the newest feedback event of the two owns the pair.
+            partners = [(g, m) for g, m in thumbs[(msg["conversation_id"], msg["position"])]
+                        if bool(g["payload"]["up"]) != up and not _same(m["content"], msg["content"])]
+            # Pair once: of two new votes the newer one owns the pair; an old vote pairs with any new one.
             partner = next(((g, m) for g, m in partners if g["id"] < fb["id"] or g["id"] not in new_ids), None)
             if partner is not None:
-                g, m = partner
+                _, m = partner
                 good, bad = (msg["content"], m["content"]) if up else (m["content"], msg["content"])
-                out.append(_ex(fb, split, "dpo", ctx, chosen=good, rejected=bad, weight=w))
-            elif not [g for g, _ in partners if g["id"] in new_ids]:
-                out.append(_ex(fb, split, "kto", ctx, completion=msg["content"], label=int(up), weight=w))
-        elif fb["kind"] == "rating":
-            # A rating without thumbs still says something about each answer: KTO labels for strong ratings.
+                emit(fb, msg, "dpo", ctx, chosen=good, rejected=bad)
+            elif not any(g["id"] in new_ids for g, _ in partners):
+                emit(fb, msg, "kto", ctx, completion=msg["content"], label=int(up))
+        elif kind == "rating":
             stars = int(p["stars"])
-            if stars in (2, 3, 4):
+            if stars == 3:
+                continue  # neutral: only a weight (1.0) for the conversation's other feedback
+            try:
+                history = store.history(user_id=user_id, conversation_id=fb["conversation_id"])
+            except NotFound:
                 continue
-            rated = {f["message_id"] for f in all_feedback if f["kind"] in ("thumb", "edit", "correction", "comparison")}
-            for m in store.history(user_id=user_id, conversation_id=fb["conversation_id"]):
-                if m["role"] != "assistant" or m["id"] in rated:
+            for m in history:
+                if m["role"] != "assistant" or m["id"] in judged:
                     continue
-                ctx = context(m["id"])
-                if ctx:
-                    out.append(_ex(fb, split, "kto", ctx, completion=m["content"], label=int(stars >= 4), weight=1.0))
+                ctx = msgs.context(m["id"])
+                if ctx is not None:
+                    emit(fb, m, "kto", ctx, completion=m["content"], label=int(stars >= 4), weight=1.0)
     return out
+
+
+def counts(examples: list[dict]) -> dict:
+    """{'train': {'dpo': n, ...}, 'heldout': {...}} for logs and run metrics."""
+    c: dict = {"train": defaultdict(int), "heldout": defaultdict(int)}
+    for e in examples:
+        c[e["split"]][e["kind"]] += 1
+    return {k: dict(v) for k, v in c.items()}

@@ -4,10 +4,16 @@ Crash safety: the adapter is written to a temp folder beside its final place,
 renamed into place, and only then does one store transaction record the
 version, switch the active one and mark the feedback consumed. A crash before
 that transaction leaves the old adapter active and the feedback unconsumed; the
-next run cleans the leftovers and trains again.
+next run takes over the dead run's lease, marks its row failed, removes its
+leftovers and trains again.
+
+The ``fault`` hook is called with the name of each step (``before_train``,
+``before_save``, ``after_save``, ``before_rename``, ``before_commit``,
+``after_commit``) so tests can crash a run there.
 """
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import random
@@ -20,9 +26,9 @@ from pathlib import Path
 from typing import Callable
 
 from heed.config import HeedConfig
-from heed.store import Store
+from heed.store import Store, StoreError
 
-from .pairs import build_examples
+from .pairs import build_examples, counts
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +36,8 @@ Progress = Callable[[str, float], None]
 Fault = Callable[[str], None]
 
 _VERSION_DIR = re.compile(r"^v(\d+)$")
+# Share of the progress bar each stage fills; one bar per run.
+_STAGES = {"pairs": (0.0, 0.03), "load": (0.03, 0.06), "train": (0.06, 0.75), "gate": (0.75, 0.99)}
 
 
 def user_dir(config: HeedConfig, user_id: int) -> Path:
@@ -37,11 +45,14 @@ def user_dir(config: HeedConfig, user_id: int) -> Path:
 
 
 def clean_leftovers(config: HeedConfig, store: Store, *, user_id: int) -> list[str]:
-    """Remove temp folders and version folders no store row knows (from crashed runs)."""
+    """Remove temp folders and version folders no store row knows (from crashed runs).
+
+    Call only while holding the user's lease: a live run's temp folder is not a leftover.
+    """
     folder = user_dir(config, user_id)
     if not folder.is_dir():
         return []
-    known = {Path(a["path"]).name for a in store.list_adapters(user_id=user_id)}
+    known = {Path(a["path"]).name for a in store.list_adapters(user_id=user_id) if a["status"] != "deleted"}
     removed = []
     for child in folder.iterdir():
         if child.name.startswith(".tmp-") or (_VERSION_DIR.match(child.name) and child.name not in known):
@@ -50,15 +61,38 @@ def clean_leftovers(config: HeedConfig, store: Store, *, user_id: int) -> list[s
     return removed
 
 
-def prune_versions(config: HeedConfig, store: Store, *, user_id: int) -> None:
+def sweep_leftovers(config: HeedConfig, store: Store) -> dict[int, list[str]]:
+    """On start: clean every user's leftovers whose lease is free (busy users are left to their run)."""
+    removed: dict[int, list[str]] = {}
+    if not config.adapters_path.is_dir():
+        return removed
+    holder = store.new_lease_holder("sweep")
+    for child in config.adapters_path.iterdir():
+        if not child.name.isdigit():
+            continue
+        uid = int(child.name)
+        if store.acquire_lease(user_id=uid, holder=holder, seconds=60):
+            try:
+                store.fail_interrupted_runs(user_id=uid)
+                if gone := clean_leftovers(config, store, user_id=uid):
+                    removed[uid] = gone
+            finally:
+                store.release_lease(user_id=uid, holder=holder)
+    return removed
+
+
+def prune_versions(config: HeedConfig, store: Store, *, user_id: int) -> list[int]:
     """Keep the newest ``keep_versions`` version folders plus the active one."""
     keep = config.learner.keep_versions
     rows = [a for a in store.list_adapters(user_id=user_id) if a["status"] != "deleted"]
+    pruned = []
     for a in rows[keep:]:
         if a["status"] == "active":
             continue
-        shutil.rmtree(a["path"], ignore_errors=True)
         store.mark_adapter_deleted(user_id=user_id, version=a["version"])
+        shutil.rmtree(a["path"], ignore_errors=True)
+        pruned.append(a["version"])
+    return pruned
 
 
 def _next_version(config: HeedConfig, store: Store, user_id: int) -> int:
@@ -66,55 +100,76 @@ def _next_version(config: HeedConfig, store: Store, user_id: int) -> int:
     return max([store.next_adapter_version(user_id=user_id) - 1, *on_disk, 0]) + 1
 
 
-def _replay(store: Store, *, user_id: int, exclude: set[int], size: int, seed: int) -> list[dict]:
-    """A bounded random sample of older training examples from promoted runs (no forgetting)."""
-    old = [p for p in store.list_pairs(user_id=user_id, split="train", promoted_only=True) if p["feedback_id"] not in exclude]
+def replay_sample(store: Store, *, user_id: int, exclude: set[int], size: int, seed: int) -> list[dict]:
+    """A bounded random sample of older training examples from promoted runs (no forgetting, bounded cost)."""
+    old = store.replay_pool(user_id=user_id, exclude_feedback=exclude)
     rng = random.Random(f"{seed}:{user_id}:{len(old)}")
     return old if len(old) <= size else rng.sample(old, size)
+
+
+def _stage_progress(progress: Progress | None) -> Progress | None:
+    if progress is None:
+        return None
+
+    def show(stage: str, frac: float) -> None:
+        lo, hi = _STAGES.get(stage, (1.0, 1.0))
+        progress(stage, lo + (hi - lo) * max(0.0, min(1.0, frac)))
+
+    return show
 
 
 def learn_user(config: HeedConfig, store: Store, *, user_id: int, trigger: str = "manual",
                progress: Progress | None = None, fault: Fault | None = None) -> dict:
     """Run the learner for one user. Returns a summary dict with ``status``:
-    'busy' (another run holds the user), 'skipped' (not enough new feedback),
+    'busy' (another run holds the user), 'skipped' (not enough to train on),
     'promoted', 'rejected' or 'failed'."""
     lc = config.learner
     holder = store.new_lease_holder(trigger)
     if not store.acquire_lease(user_id=user_id, holder=holder, seconds=lc.lease_seconds):
         return {"status": "busy", "user_id": user_id, "reason": "another learner run is training this user"}
-    run_id = None
-    tmp: Path | None = None
+    show = _stage_progress(progress)
     step = fault or (lambda point: None)
+    run_id, tmp, summary, committed = None, None, {"user_id": user_id}, None
+    timings: dict[str, float] = {}
     t0 = time.perf_counter()
+
+    def keepalive() -> bool:
+        return store.renew_lease(user_id=user_id, holder=holder, seconds=lc.lease_seconds)
+
     try:
-        store.fail_stale_runs()
+        store.fail_interrupted_runs(user_id=user_id)
         clean_leftovers(config, store, user_id=user_id)
         read_at = time.time()
         feedback = store.list_feedback(user_id=user_id, unconsumed_only=True)
         if len(feedback) < lc.min_new_feedback:
             return {"status": "skipped", "user_id": user_id, "reason": f"{len(feedback)} new feedback events (< {lc.min_new_feedback})"}
         run_id = store.start_run(user_id=user_id, trigger=trigger)
-        if progress:
-            progress("pairs", 0.0)
+        if show:
+            show("pairs", 0.0)
+        fb_ids = [f["id"] for f in feedback]
         examples = build_examples(store, user_id=user_id, feedback=feedback, heldout_fraction=lc.heldout_fraction,
                                   seed=lc.seed, all_feedback=store.list_feedback(user_id=user_id))
-        new_train = [e for e in examples if e["split"] == "train"]
-        replay = _replay(store, user_id=user_id, exclude={f["id"] for f in feedback}, size=lc.replay_size, seed=lc.seed + run_id)
+        new_train = [e for e in examples if e["split"] == "train" and e["kind"] in ("dpo", "kto")]
+        replay = replay_sample(store, user_id=user_id, exclude=set(fb_ids), size=lc.replay_size, seed=lc.seed + run_id)
         dpo = [e for e in new_train + replay if e["kind"] == "dpo"]
         kto = [e for e in new_train + replay if e["kind"] == "kto"]
         heldout = [e for e in examples if e["split"] == "heldout"]
-        heldout += [p for p in store.list_pairs(user_id=user_id, split="heldout") if p["feedback_id"] not in {f["id"] for f in feedback}]
-        fb_ids = [f["id"] for f in feedback]
-        summary = {"user_id": user_id, "run_id": run_id, "n_feedback": len(feedback), "n_examples": len(examples),
-                   "n_train_new": len(new_train), "n_replay": len(replay), "n_heldout": len(heldout)}
+        heldout += [p for p in store.list_pairs(user_id=user_id, split="heldout") if p["feedback_id"] not in set(fb_ids)]
+        timings["pairs_s"] = time.perf_counter() - t0
+        summary.update(run_id=run_id, n_feedback=len(feedback), n_examples=len(examples), n_train_new=len(new_train),
+                       n_replay=len(replay), n_heldout=len(heldout), examples=counts(examples))
         base_metrics = {"feedback_read_at": read_at, **summary}
-        if not dpo and len(kto) < 2:
-            # Nothing trainable yet (e.g. all new examples held out): keep them and consume the feedback.
-            store.promote(user_id=user_id, run_id=run_id, holder=holder, version=None, path=None, feedback_ids=fb_ids,
-                          pairs=examples, metrics=base_metrics)
-            store.finish_run(user_id=user_id, run_id=run_id, status="skipped", metrics=base_metrics, n_feedback=len(feedback),
-                             n_pairs=len(examples), error="nothing to train on: every new example is held out or unpaired")
-            return {"status": "skipped", **summary, "reason": "nothing to train on yet"}
+        trainable_pairs = dpo if lc.paired_loss == "dpo" else []
+        if not trainable_pairs and len(kto) + (2 * len(dpo) if lc.paired_loss == "kto" else 0) < 2:
+            reason = "nothing to train on yet: the new examples are held out" if not new_train else \
+                     "nothing to train on yet: a single unpaired example (KTO needs two); kept for the next run"
+            if not new_train:
+                # Held-out examples are what the gate judges later runs by: keep them and consume their feedback.
+                store.promote(user_id=user_id, run_id=run_id, holder=holder, version=None, path=None, feedback_ids=fb_ids,
+                              pairs=examples, metrics=base_metrics)
+            store.finish_run(user_id=user_id, run_id=run_id, status="skipped", metrics={**base_metrics, **timings},
+                             n_feedback=len(feedback), n_pairs=len(examples), error=reason)
+            return {"status": "skipped", **summary, "reason": reason}
 
         active = store.active_adapter(user_id=user_id)
         version = _next_version(config, store, user_id)
@@ -123,52 +178,76 @@ def learn_user(config: HeedConfig, store: Store, *, user_id: int, trigger: str =
         tmp = folder / f".tmp-v{version:04d}-{uuid.uuid4().hex[:8]}"
         final = folder / f"v{version:04d}"
         step("before_train")
+        if show:
+            show("load", 0.0)
         from .train import train_adapter
 
+        t1 = time.perf_counter()
         metrics = train_adapter(config, init_adapter=active["path"] if active else None, dpo_pairs=dpo, kto_examples=kto,
-                                out_dir=tmp, progress=progress)
+                                out_dir=tmp, progress=show, keepalive=keepalive, before_save=lambda: step("before_save"))
+        timings["train_s"] = time.perf_counter() - t1
+        gc.collect()  # the trainer's model copy goes before the gate loads its own: lower peak memory
         step("after_save")
         verdict = {"promote": True, "reasons": []}
         if lc.gate_enabled:
-            if progress:
-                progress("gate", 0.0)
             from .gate import evaluate
 
-            verdict = evaluate(config, candidate_dir=str(tmp), active_dir=active["path"] if active else None, heldout=heldout)
+            t2 = time.perf_counter()
+            verdict = evaluate(config, candidate_dir=str(tmp), active_dir=active["path"] if active else None,
+                               heldout=heldout, progress=show)
+            timings["gate_s"] = time.perf_counter() - t2
+            gc.collect()
+        if not keepalive():
+            raise StoreError("this run no longer holds the user's lease; not promoting")
         step("before_rename")
         os.replace(tmp, final)
-        tmp = None
+        tmp = final  # until the transaction commits, the version folder is still this run's to remove
         step("before_commit")
         status = "promoted" if verdict["promote"] else "rejected"
-        all_metrics = {**base_metrics, **metrics, "gate": verdict, "seconds": time.perf_counter() - t0,
+        timings["seconds"] = time.perf_counter() - t0
+        all_metrics = {**base_metrics, **metrics, **timings, "gate": verdict,
                        "previous_version": active["version"] if active else None}
         store.promote(user_id=user_id, run_id=run_id, holder=holder, version=version, path=str(final), feedback_ids=fb_ids,
                       pairs=examples, metrics=all_metrics, status="active" if verdict["promote"] else "rejected")
+        tmp, committed = None, (status, version, all_metrics)
         step("after_commit")
         store.finish_run(user_id=user_id, run_id=run_id, status=status, metrics=all_metrics, n_feedback=len(feedback),
                          n_pairs=len(examples), candidate_version=version,
                          error=None if verdict["promote"] else "; ".join(verdict["reasons"]))
-        prune_versions(config, store, user_id=user_id)
+        pruned = prune_versions(config, store, user_id=user_id)
         if progress:
             progress("done", 1.0)
         return {"status": status, "version": version, **summary, "reasons": verdict["reasons"],
-                "seconds": all_metrics["seconds"], "gate": verdict}
+                "seconds": timings["seconds"], "timings": timings, "gate": verdict, "pruned": pruned}
     except Exception as exc:
         log.error("learner run for user %s failed: %s", user_id, exc)
+        timings["seconds"] = time.perf_counter() - t0
+        if committed is not None:
+            # The transaction went through: the version is in service whatever failed after it (pruning, bookkeeping).
+            status, version, all_metrics = committed
+            store.finish_run(user_id=user_id, run_id=run_id, status=status, metrics=all_metrics, n_feedback=summary["n_feedback"],
+                             n_pairs=summary["n_examples"], candidate_version=version, error=f"after promotion: {type(exc).__name__}: {exc}")
+            return {"status": status, "version": version, **summary, "error": f"{type(exc).__name__}: {exc}", "seconds": timings["seconds"]}
         if run_id is not None:
             store.finish_run(user_id=user_id, run_id=run_id, status="failed", error=f"{type(exc).__name__}: {exc}",
-                             metrics={"traceback": traceback.format_exc()[-4000:]})
-        return {"status": "failed", "user_id": user_id, "run_id": run_id, "error": f"{type(exc).__name__}: {exc}"}
+                             metrics={**summary, **timings, "traceback": traceback.format_exc()[-4000:]},
+                             n_feedback=summary.get("n_feedback", 0), n_pairs=summary.get("n_examples", 0))
+        return {"status": "failed", **summary, "run_id": run_id, "error": f"{type(exc).__name__}: {exc}", "seconds": timings["seconds"]}
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
         store.release_lease(user_id=user_id, holder=holder)
 
 
-def learn_all(config: HeedConfig, store: Store, *, trigger: str = "schedule", progress_for: Callable[[int], Progress | None] | None = None) -> list[dict]:
+def learn_all(config: HeedConfig, store: Store, *, trigger: str = "schedule",
+              progress_for: Callable[[int], Progress | None] | None = None) -> list[dict]:
     """One pass over every user with enough new feedback; one user's failure never stops the rest."""
     results = []
     for user_id in store.users_with_unconsumed(at_least=config.learner.min_new_feedback):
-        results.append(learn_user(config, store, user_id=user_id, trigger=trigger,
-                                  progress=progress_for(user_id) if progress_for else None))
+        try:
+            results.append(learn_user(config, store, user_id=user_id, trigger=trigger,
+                                      progress=progress_for(user_id) if progress_for else None))
+        except Exception as exc:  # e.g. the database locked while taking the lease: try the next user
+            log.error("learner pass: user %s: %s", user_id, exc)
+            results.append({"status": "failed", "user_id": user_id, "error": f"{type(exc).__name__}: {exc}"})
     return results

@@ -1,16 +1,25 @@
-"""One user's adapter update: DPO (+ SFT term) on pairs, KTO on unpaired thumbs, with trl.
+"""One user's adapter update with trl: DPO (+ an SFT term) on pairs, KTO on unpaired examples.
 
-Training continues from the user's active adapter. trl then copies that
-adapter into a frozen "ref" adapter, so the reference is the previous version;
-for a first adapter the reference is the base with the LoRA disabled. Either
-way no second copy of the base weights is made.
+Training continues from the user's active adapter (a fresh LoRA for a first
+run). The reference is never a second copy of the base weights: with
+``learner.reference = 'base'`` it is the base with the adapter disabled (trl's
+frozen "ref" copy is dropped right after the trainer is built), with
+``'previous'`` a frozen copy of the active adapter.
+
+``learner.paired_loss = 'dpo'`` trains pairs with DPO and the unpaired
+examples with KTO in a second pass over the same model; ``'kto'`` splits every
+pair into a desirable and an undesirable example and trains one KTO pass.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-import tempfile
+import os
+import random
+import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -21,54 +30,182 @@ log = logging.getLogger(__name__)
 Progress = Callable[[str, float], None]
 
 
-def _rows_dpo(pairs: list[dict], system: str) -> list[dict]:
-    rows = []
+class LeaseLost(RuntimeError):
+    """Another run took the user over while this one trained; it must not promote."""
+
+
+def torch_threads(config: HeedConfig) -> int:
+    """The explicit thread count for training: the configured one, or every core this process may use."""
+    return config.model.torch_threads or len(os.sched_getaffinity(0))
+
+
+def quiet_progress_bars() -> None:
+    """The CLI draws one bar per run; the libraries' own bars (tokenizing, loading weights) would interleave."""
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def _ids(tokenizer, messages: list[dict]) -> list[int]:
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    if hasattr(ids, "input_ids") or isinstance(ids, dict):
+        ids = ids["input_ids"]
+    return list(ids)
+
+
+def fit_prompt(tokenizer, messages: list[dict], *, budget: int) -> list[dict]:
+    """The messages with the oldest turns dropped (the system message kept) so the prompt fits ``budget`` tokens.
+
+    trl truncates a too-long example from the end, which would cut the very
+    answer being learned; dropping old turns keeps the answer and the question.
+    """
+    msgs = [dict(m) for m in messages]
+    start = 1 if msgs and msgs[0]["role"] == "system" else 0
+    n = len(_ids(tokenizer, msgs))
+    while n > budget and len(msgs) - start > 1:
+        del msgs[start]
+        while len(msgs) - start > 1 and msgs[start]["role"] != "user":
+            del msgs[start]
+        n = len(_ids(tokenizer, msgs))
+    if n > budget:
+        # One question longer than the budget: keep its end, where the ask usually is.
+        ids = tokenizer(msgs[-1]["content"], add_special_tokens=False)["input_ids"]
+        keep = max(len(ids) - (n - budget), 1)
+        msgs[-1]["content"] = tokenizer.decode(ids[-keep:])
+    return msgs
+
+
+class _Rows:
+    """Examples -> trl rows (conversational format) that fit ``max_length``."""
+
+    def __init__(self, tokenizer, system: str, max_length: int) -> None:
+        self.tokenizer, self.system, self.max_length = tokenizer, system, max_length
+
+    def prompt(self, ex: dict, *answers: str) -> list[dict]:
+        longest = max(len(self.tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers) + 4
+        budget = max(self.max_length - longest, self.max_length // 2)
+        return fit_prompt(self.tokenizer, [{"role": "system", "content": self.system}, *ex["prompt"]], budget=budget)
+
+    @staticmethod
+    def copies(ex: dict) -> int:
+        # trl has no per-example weight: a conversation rating's weight becomes repetition (1.5x -> 2 copies).
+        return max(1, round(float(ex.get("weight", 1.0))))
+
+    def dpo(self, pairs: list[dict]) -> list[dict]:
+        rows = []
+        for p in pairs:
+            row = {"prompt": self.prompt(p, p["chosen"], p["rejected"]),
+                   "chosen": [{"role": "assistant", "content": p["chosen"]}],
+                   "rejected": [{"role": "assistant", "content": p["rejected"]}]}
+            rows += [row] * self.copies(p)
+        return rows
+
+    def kto(self, examples: list[dict]) -> list[dict]:
+        rows = []
+        for e in examples:
+            row = {"prompt": self.prompt(e, e["completion"]),
+                   "completion": [{"role": "assistant", "content": e["completion"]}], "label": bool(e["label"])}
+            rows += [row] * self.copies(e)
+        return rows
+
+
+def as_kto(pairs: list[dict]) -> list[dict]:
+    """Each pair as two unpaired examples: chosen desirable, rejected undesirable."""
+    out = []
     for p in pairs:
-        prompt = [{"role": "system", "content": system}, *p["prompt"]]
-        # Rating weights become repetition: trl's DPO has no per-example weight.
-        for _ in range(max(1, round(p.get("weight", 1.0)))):
-            rows.append({"prompt": prompt, "chosen": [{"role": "assistant", "content": p["chosen"]}],
-                         "rejected": [{"role": "assistant", "content": p["rejected"]}]})
-    return rows
-
-
-def _rows_kto(examples: list[dict], system: str) -> list[dict]:
-    return [{"prompt": [{"role": "system", "content": system}, *e["prompt"]],
-             "completion": [{"role": "assistant", "content": e["completion"]}], "label": bool(e["label"])} for e in examples]
-
-
-def _progress_callback(progress: Progress | None, stage: str):
-    from transformers import TrainerCallback
-
-    class _CB(TrainerCallback):
-        def __init__(self) -> None:
-            self.losses: list[float] = []
-
-        def on_step_end(self, args, state, control, **kw):
-            if progress and state.max_steps:
-                progress(stage, state.global_step / state.max_steps)
-
-        def on_log(self, args, state, control, logs=None, **kw):
-            if logs and "loss" in logs:
-                self.losses.append(float(logs["loss"]))
-
-    return _CB()
+        base = {k: v for k, v in p.items() if k not in ("chosen", "rejected", "kind")}
+        out.append({**base, "kind": "kto", "completion": p["chosen"], "label": 1})
+        out.append({**base, "kind": "kto", "completion": p["rejected"], "label": 0})
+    return out
 
 
 def load_trainable(config: HeedConfig, init_adapter: str | None):
-    """(model, tokenizer, peft_config_or_None) ready for a trl trainer."""
-    from peft import LoraConfig, PeftModel
+    """(peft model with a trainable 'default' adapter, tokenizer). The base weights stay frozen."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import set_seed
 
     from heed.engine import load_base
 
     model, tokenizer = load_base(config)
     lc = config.learner
+    set_seed(lc.seed)
     if init_adapter:
-        model = PeftModel.from_pretrained(model, init_adapter, is_trainable=True)
-        return model, tokenizer, None
+        # Continue with the saved adapter's own LoRA shape (a changed lora_r applies to new users' adapters).
+        return PeftModel.from_pretrained(model, init_adapter, is_trainable=True), tokenizer
     peft_config = LoraConfig(r=lc.lora_r, lora_alpha=lc.lora_alpha, lora_dropout=lc.lora_dropout,
                              target_modules=list(lc.target_modules), task_type="CAUSAL_LM")
-    return model, tokenizer, peft_config
+    return get_peft_model(model, peft_config), tokenizer
+
+
+def _snapshot(model) -> dict:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if ".default." in n}
+
+
+def _fix_reference(model, reference: str, initial: dict) -> None:
+    """After trl built its frozen 'ref' copy of the current adapter: make it the configured reference."""
+    if "ref" not in model.peft_config:
+        return
+    if reference == "base" or not initial:
+        # Without a 'ref' adapter trl scores the reference with every adapter disabled: the base model.
+        model.delete_adapter("ref")
+        return
+    import torch
+
+    with torch.no_grad():
+        for name, value in initial.items():
+            model.get_parameter(name.replace(".default.", ".ref.")).copy_(value)
+
+
+def _callback(progress: Progress | None, keepalive: Callable[[], bool] | None, done_before: int, total: int):
+    from transformers import TrainerCallback
+
+    class _CB(TrainerCallback):
+        def __init__(self) -> None:
+            self.losses: list[float] = []
+            self.last: dict = {}
+            self.lost = False
+            self._renewed = time.monotonic()
+
+        def on_step_end(self, args, state, control, **kw):
+            if progress:
+                progress("train", min(1.0, (done_before + state.global_step) / max(total, 1)))
+            if keepalive and time.monotonic() - self._renewed > 20:
+                self._renewed = time.monotonic()
+                if not keepalive():
+                    self.lost = True
+                    control.should_training_stop = True
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                self.losses.append(float(logs["loss"]))
+                self.last = {k: float(v) for k, v in logs.items() if isinstance(v, (int, float))}
+
+    return _CB()
+
+
+def _args(config: HeedConfig, out: str, n_rows: int) -> dict:
+    import torch
+
+    from heed.engine import pick_device_dtype
+
+    lc = config.learner
+    device, _ = pick_device_dtype(config.model)
+    cuda = device.startswith("cuda")
+    return dict(
+        output_dir=out, per_device_train_batch_size=min(lc.batch_size, max(n_rows, 1)), num_train_epochs=lc.epochs,
+        learning_rate=lc.learning_rate, beta=lc.beta, max_length=lc.max_length, seed=lc.seed,
+        # On CPU bf16 autocast and checkpointing halved the speed for the same loss (STACK.md); CUDA gets bf16.
+        bf16=cuda and torch.cuda.is_bf16_supported(), fp16=False, gradient_checkpointing=False, activation_checkpointing=False, use_cpu=not cuda,
+        report_to="none", logging_steps=1, save_strategy="no", disable_tqdm=True, lr_scheduler_type="constant",
+        remove_unused_columns=False, dataloader_num_workers=0, warmup_steps=0,
+    )
+
+
+def _steps(n_rows: int, config: HeedConfig) -> int:
+    bs = min(config.learner.batch_size, max(n_rows, 1))
+    return math.ceil(n_rows / bs) * config.learner.epochs if n_rows else 0
 
 
 def _quiet(trainer):
@@ -79,70 +216,93 @@ def _quiet(trainer):
     return trainer
 
 
-def _common_args(config: HeedConfig, out: str, n_rows: int) -> dict:
-    from heed.engine import pick_device_dtype
+@contextlib.contextmanager
+def library_noise_muted():
+    """peft and trl read a property transformers 5 renamed; its FutureWarning says nothing to a Heed user."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
 
-    lc = config.learner
-    device, dtype = pick_device_dtype(config.model)
+
+def train_adapter(config: HeedConfig, **kw) -> dict:
+    """Train and save the adapter (PEFT safetensors layout) into ``out_dir``; return training metrics.
+
+    Keywords: ``init_adapter`` (the active adapter's folder or None),
+    ``dpo_pairs``, ``kto_examples``, ``out_dir``, and optionally ``progress``,
+    ``keepalive`` (called every ~20 s while training; the run renews its lease
+    there, and a False stops training with ``LeaseLost``) and ``before_save``.
+    """
+    with library_noise_muted():
+        return _train(config, **kw)
+
+
+def _train(config: HeedConfig, *, init_adapter: str | None, dpo_pairs: list[dict], kto_examples: list[dict],
+           out_dir: Path, progress: Progress | None = None, keepalive: Callable[[], bool] | None = None,
+           before_save: Callable[[], None] | None = None) -> dict:
     import torch
-
-    return dict(
-        output_dir=out, per_device_train_batch_size=min(lc.batch_size, max(n_rows, 1)), num_train_epochs=lc.epochs,
-        learning_rate=lc.learning_rate, beta=lc.beta, max_length=lc.max_length, seed=lc.seed,
-        # bf16 and checkpointing halve CPU speed for no gain at this size (STACK.md).
-        bf16=dtype == torch.bfloat16, fp16=False, gradient_checkpointing=False, use_cpu=device == "cpu",
-        report_to="none", logging_steps=1, save_strategy="no", disable_tqdm=True, lr_scheduler_type="constant",
-        remove_unused_columns=False, dataloader_num_workers=0,
-    )
-
-
-def train_adapter(config: HeedConfig, *, init_adapter: str | None, dpo_pairs: list[dict], kto_examples: list[dict],
-                  out_dir: Path, progress: Progress | None = None) -> dict:
-    """Train and save the adapter (PEFT layout) into ``out_dir``; return training metrics."""
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer
 
     from heed.engine import set_threads
 
-    set_threads(config.model.torch_threads)
     lc = config.learner
-    system = config.generation.system_prompt
-    model, tokenizer, peft_config = load_trainable(config, init_adapter)
-    metrics: dict = {"dpo_rows": 0, "kto_rows": 0}
+    quiet_progress_bars()
+    set_threads(torch_threads(config))
+    model, tokenizer = load_trainable(config, init_adapter)
+    rows = _Rows(tokenizer, config.generation.system_prompt, lc.max_length)
+    rng = random.Random(lc.seed)
+    if lc.paired_loss == "kto":
+        dpo_rows, kto_rows = [], rows.kto(as_kto(dpo_pairs) + list(kto_examples))
+    else:
+        dpo_rows, kto_rows = rows.dpo(dpo_pairs), rows.kto(kto_examples)
+    # KTO estimates its KL term from mismatched examples in a batch: one example cannot train.
+    if len(kto_rows) < 2:
+        kto_rows = []
+    if not dpo_rows and not kto_rows:
+        raise ValueError("nothing to train on")
+    rng.shuffle(kto_rows)  # KTO samples in order (its KL pairs neighbours), so mix labels here.
+    total = _steps(len(dpo_rows), config) + _steps(len(kto_rows), config)
+    initial = _snapshot(model) if lc.reference == "previous" and init_adapter else {}
+    metrics: dict = {"dpo_rows": len(dpo_rows), "kto_rows": len(kto_rows), "torch_threads": torch.get_num_threads(),
+                     "reference": lc.reference, "paired_loss": lc.paired_loss, "continued_from": init_adapter}
+    scratch = out_dir / "trainer"
     t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="heed-trainer-") as scratch:
-        if dpo_pairs:
-            rows = _rows_dpo(dpo_pairs, system)
+    done = 0
+    for phase, data in (("dpo", dpo_rows), ("kto", kto_rows)):
+        if not data:
+            continue
+        cb = _callback(progress, keepalive, done, total)
+        common = _args(config, str(scratch), len(data))
+        if phase == "dpo":
             losses = ["sigmoid", "sft"] if lc.sft_weight > 0 else ["sigmoid"]
-            weights = [1.0, lc.sft_weight] if lc.sft_weight > 0 else [1.0]
-            args = DPOConfig(**_common_args(config, scratch, len(rows)), loss_type=losses, loss_weights=weights)
-            cb = _progress_callback(progress, "dpo")
-            trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
-                                 peft_config=peft_config, callbacks=[cb])
-            result = _quiet(trainer).train()
-            model, peft_config = trainer.model, None
-            metrics.update(dpo_rows=len(rows), dpo_loss=result.training_loss, dpo_steps=result.global_step,
-                           dpo_losses=cb.losses[-50:])
-            metrics.update({f"dpo_{k.replace('/', '_')}": v for k, v in (trainer.state.log_history[-2] if len(trainer.state.log_history) > 1 else {}).items()
-                            if isinstance(v, (int, float)) and k.startswith(("rewards", "logps"))})
-        kto = list(kto_examples)
-        # KTO estimates its KL term from mismatched examples in a batch: one example cannot train.
-        if len(kto) >= 2:
-            rows = _rows_kto(kto, system)
-            if "ref" in getattr(model, "peft_config", {}):
-                model.delete_adapter("ref")
-            args = KTOConfig(**_common_args(config, scratch, len(rows)))
-            cb = _progress_callback(progress, "kto")
-            trainer = KTOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
-                                 peft_config=peft_config, callbacks=[cb])
-            result = _quiet(trainer).train()
-            model = trainer.model
-            metrics.update(kto_rows=len(rows), kto_loss=result.training_loss, kto_steps=result.global_step)
-        if not metrics["dpo_rows"] and not metrics["kto_rows"]:
-            raise ValueError("nothing to train on")
+            args = DPOConfig(**common, loss_type=losses, loss_weights=[1.0, lc.sft_weight][:len(losses)])
+            trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(data), processing_class=tokenizer, callbacks=[cb])
+        else:
+            nd = sum(r["label"] for r in data)
+            nu = len(data) - nd
+            weights = {}
+            if lc.kto_weight_balance and nd and nu:
+                # KTO's guidance: desirable_weight * n_desirable ~= undesirable_weight * n_undesirable.
+                weights = {"desirable_weight": max(1.0, nu / nd), "undesirable_weight": max(1.0, nd / nu)}
+            args = KTOConfig(**common, **weights)
+            trainer = KTOTrainer(model=model, args=args, train_dataset=Dataset.from_list(data), processing_class=tokenizer, callbacks=[cb])
+        _fix_reference(trainer.model, lc.reference, initial)
+        result = _quiet(trainer).train()
+        if cb.lost:
+            raise LeaseLost("another run took this user's lease while training; nothing promoted")
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        if "ref" in model.peft_config:
+            model.delete_adapter("ref")
+        done += result.global_step
+        metrics.update({f"{phase}_loss": result.training_loss, f"{phase}_steps": result.global_step,
+                        f"{phase}_losses": cb.losses[-50:]})
+        metrics.update({f"{phase}_{k.replace('/', '_')}": v for k, v in cb.last.items() if k.startswith(("rewards", "logps", "kl"))})
+        if not math.isfinite(result.training_loss):
+            raise FloatingPointError(f"{phase} training diverged (loss {result.training_loss})")
     metrics["train_seconds"] = time.perf_counter() - t0
+    shutil.rmtree(scratch, ignore_errors=True)
+    if before_save:
+        before_save()
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out_dir), selected_adapters=["default"])
-    if not math.isfinite(metrics.get("dpo_loss", 0.0)) or not math.isfinite(metrics.get("kto_loss", 0.0)):
-        raise FloatingPointError(f"training diverged: {metrics}")
     return metrics

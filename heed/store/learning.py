@@ -47,6 +47,17 @@ class LearningMixin:
             )
             return cur.rowcount
 
+    def fail_interrupted_runs(self, *, user_id: int) -> int:
+        """Call while holding the user's lease: any run of theirs still 'running' died mid-way."""
+        t = now()
+        with self.db.write() as db:
+            cur = db.execute(
+                "UPDATE learner_runs SET status = 'failed', error = 'interrupted (process ended before finishing)', "
+                "finished_at = ?, seconds = ? - started_at WHERE user_id = ? AND status = 'running'",
+                [t, t, user_id],
+            )
+            return cur.rowcount
+
     # -- pairs ------------------------------------------------------------
     def list_pairs(self, *, user_id: int, split: str | None = None, kind: str | None = None, promoted_only: bool = False) -> list[dict]:
         sql = "SELECT p.* FROM pairs p LEFT JOIN learner_runs r ON r.id = p.run_id WHERE p.user_id = ?"
@@ -61,6 +72,11 @@ class LearningMixin:
             sql += " AND r.status = 'promoted'"
         with self.db.connect() as db:
             return [_decode(r, "prompt") for r in db.query(sql + " ORDER BY p.id", args)]
+
+    def replay_pool(self, *, user_id: int, exclude_feedback: set[int] | frozenset = frozenset()) -> list[dict]:
+        """Training examples (dpo, kto) that earlier promoted runs trained on, for replay."""
+        return [p for p in self.list_pairs(user_id=user_id, split="train", promoted_only=True)
+                if p["kind"] in ("dpo", "kto") and p["feedback_id"] not in exclude_feedback]
 
     # -- adapters ---------------------------------------------------------
     def active_adapter(self, *, user_id: int) -> dict | None:
@@ -138,19 +154,52 @@ class LearningMixin:
     # -- leases -----------------------------------------------------------
     @staticmethod
     def new_lease_holder(trigger: str) -> str:
+        """A holder name that says which process holds the lease: trigger@host:pid:nonce."""
+        import socket
         import uuid
 
-        return f"{trigger}-pid{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        return f"{trigger}@{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+    @staticmethod
+    def _holder_is_dead(holder: str) -> bool:
+        """True only when the holder ran on this host and its process is gone (a crash, a kill -9)."""
+        import socket
+
+        try:
+            _, where = holder.rsplit("@", 1)
+            host, pid, _ = where.rsplit(":", 2)
+            pid_n = int(pid)
+        except ValueError:
+            return False
+        if host != socket.gethostname() or pid_n <= 0:
+            return False
+        try:
+            os.kill(pid_n, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
 
     def acquire_lease(self, *, user_id: int, holder: str, seconds: float) -> bool:
-        """Claim the user for one learner run; False when another live run holds it."""
+        """Claim the user for one learner run; False when another live run holds it.
+
+        A lease whose holder process on this host has died is taken over at
+        once, so a crashed run does not block the user until the lease expires.
+        """
         t = now()
         with self.db.write() as db:
             row = db.execute("SELECT holder, expires_at FROM leases WHERE user_id = ?", [user_id]).fetchone()
-            if row is not None and row[1] > t and row[0] != holder:
+            if row is not None and row[1] > t and row[0] != holder and not self._holder_is_dead(row[0]):
                 return False
             db.execute("INSERT OR REPLACE INTO leases (user_id, holder, expires_at) VALUES (?, ?, ?)", [user_id, holder, t + seconds])
             return True
+
+    def renew_lease(self, *, user_id: int, holder: str, seconds: float) -> bool:
+        """Extend a held lease; False when this holder lost it (then it must not promote)."""
+        with self.db.write() as db:
+            cur = db.execute("UPDATE leases SET expires_at = ? WHERE user_id = ? AND holder = ?", [now() + seconds, user_id, holder])
+            return cur.rowcount == 1
 
     def transfer_lease(self, *, user_id: int, old: str, new: str) -> None:
         with self.db.write() as db:

@@ -4,17 +4,21 @@ from __future__ import annotations
 import re
 
 from .db import NotFound, StoreError, now
-from .passwords import hash_password, verify_password
+from .passwords import dummy_verify, hash_password, verify_password
 
-NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}\Z")
+
+
+def _check_password(password: object) -> None:
+    if not isinstance(password, str) or not password or len(password) > 1024:
+        raise StoreError("a password must be 1 to 1024 characters")
 
 
 class UsersMixin:
     def add_user(self, name: str, *, password: str) -> int:
-        if not NAME_RE.match(name or ""):
+        if not isinstance(name, str) or not NAME_RE.match(name):
             raise StoreError("user names are 1-64 letters, digits, '.', '_' or '-'")
-        if not password or len(password) > 1024:
-            raise StoreError("a password must be 1 to 1024 characters")
+        _check_password(password)
         hashed = hash_password(password)
         with self.db.write() as db:
             if db.execute("SELECT 1 FROM users WHERE name = ?", [name]).fetchone():
@@ -45,32 +49,47 @@ class UsersMixin:
 
         Failures are counted per account; after ``max_failures`` in a row the
         account is locked for ``lockout_seconds`` (even the right password waits).
+        Each attempt is counted *before* the slow password check, so a burst of
+        parallel guesses cannot run more than ``max_failures`` checks per lockout.
         """
-        with self.db.connect() as db:
-            row = db.execute("SELECT id, password_hash, locked_until FROM users WHERE name = ?", [name]).fetchone()
+        if not isinstance(name, str) or not isinstance(password, str):
+            return None
+        with self.db.write() as db:
+            row = db.execute("SELECT id, password_hash, locked_until, failed_logins FROM users WHERE name = ?", [name]).fetchone()
+            if row is not None:
+                user_id, stored, locked_until, in_flight = row
+                if locked_until > now() or in_flight >= max_failures:
+                    return None
+                db.execute("UPDATE users SET failed_logins = failed_logins + 1 WHERE id = ?", [user_id])
         if row is None:
             # Same cost as a real check, so timing does not reveal which names exist.
-            verify_password(password, hash_password("x"))
-            return None
-        user_id, stored, locked_until = row
-        if locked_until > now():
+            dummy_verify(password)
             return None
         ok = verify_password(password, stored)
         with self.db.write() as db:
             if ok:
                 db.execute("UPDATE users SET failed_logins = 0 WHERE id = ?", [user_id])
-            else:
-                db.execute("UPDATE users SET failed_logins = failed_logins + 1 WHERE id = ?", [user_id])
-                fails = db.execute("SELECT failed_logins FROM users WHERE id = ?", [user_id]).fetchone()[0]
-                if fails >= max_failures:
-                    db.execute("UPDATE users SET locked_until = ?, failed_logins = 0 WHERE id = ?", [now() + lockout_seconds, user_id])
-        return user_id if ok else None
+                return user_id
+            fails = db.execute("SELECT failed_logins FROM users WHERE id = ?", [user_id]).fetchone()
+            if fails is not None and fails[0] >= max_failures:
+                db.execute("UPDATE users SET locked_until = ?, failed_logins = 0 WHERE id = ?", [now() + lockout_seconds, user_id])
+        return None
+
+    def login_state(self, *, user_id: int) -> dict:
+        """Failed attempts counted and lock expiry (for tests and `heed user list`)."""
+        with self.db.connect() as db:
+            rows = list(db.query("SELECT failed_logins, locked_until FROM users WHERE id = ?", [user_id]))
+        if not rows:
+            raise NotFound(f"no user with id {user_id}")
+        return rows[0]
 
     def set_password(self, *, user_id: int, password: str) -> None:
-        if not password or len(password) > 1024:
-            raise StoreError("a password must be 1 to 1024 characters")
+        _check_password(password)
+        hashed = hash_password(password)  # outside the write lock: scrypt takes ~50 ms
         with self.db.write() as db:
-            db.execute("UPDATE users SET password_hash = ?, failed_logins = 0, locked_until = 0 WHERE id = ?", [hash_password(password), user_id])
+            cur = db.execute("UPDATE users SET password_hash = ?, failed_logins = 0, locked_until = 0 WHERE id = ?", [hashed, user_id])
+            if cur.rowcount == 0:
+                raise NotFound(f"no user with id {user_id}")
 
     def delete_user(self, *, user_id: int) -> None:
         """Remove the user and (by cascade) every row of theirs."""

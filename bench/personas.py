@@ -1,0 +1,257 @@
+"""Simulated users: a judge, the feedback each gives, and how often it uses each kind.
+
+A persona's ``judge`` says whether a reply has the style it wants; a reply is
+*accepted* only when it is also sensible (``heed.quality.degeneration``: not
+empty, echoed, repetitive or cut off). ``edit`` rewrites a reply into one the
+persona accepts, built from the reply's own sentences, the way a person trims
+or reformats an answer instead of writing a new one. ``correction`` is what the
+persona would type. ``score`` grades how close a reply comes, for picking the
+better of two answers.
+
+The shipped personas change different parts of an answer (length, layout, the
+end, the start, the sign-off) so one persona's adapter leaves the others'
+judges where the base model had them: that is what the isolation matrix checks.
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass, field
+from typing import Callable
+
+from heed.quality import degeneration, repetition_share
+
+KINDS = ("edit", "correction", "thumbs", "pick")
+
+_SENTENCE = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\"'(])")
+_MARKUP = re.compile(r"\*\*|__|`|^#+\s*|^\s*(?:[-*+•]|\d+[.)])\s+", re.MULTILINE)
+_WORD = re.compile(r"\w+")
+
+
+def words(text: str) -> int:
+    return len(text.split())
+
+
+def _grams(text: str) -> set[tuple[str, ...]]:
+    ws = [w.lower() for w in _WORD.findall(text)]
+    return {tuple(ws[i:i + 3]) for i in range(len(ws) - 2)}
+
+
+def _looping(sentence: str) -> bool:
+    ws = [w.lower() for w in _WORD.findall(sentence)]
+    return len(ws) >= 8 and (len(set(ws)) / len(ws) < 0.6 or repetition_share(sentence) > 0.15)
+
+
+def sentences(text: str) -> list[str]:
+    """The answer's sentences without list markers or markdown, in order, with what a person
+    editing would drop anyway: repeats of an earlier sentence and sentences that loop."""
+    out: list[str] = []
+    seen: set[tuple[str, ...]] = set()
+    for line in text.splitlines():
+        line = _MARKUP.sub("", line).strip()
+        if not line:
+            continue
+        for s in _SENTENCE.split(line):
+            s = s.strip()
+            if len(_WORD.findall(s)) < 3 or _looping(s):
+                continue
+            if s[-1] not in ".!?":
+                # A heading ("Water:") or a line cut off mid-sentence: end it cleanly.
+                s = s.rstrip(":;,- ") + "."
+            grams = _grams(s)
+            if grams and len(grams & seen) / len(grams) > 0.5:
+                continue
+            seen |= grams
+            out.append(s)
+    return out
+
+
+def shorten(sentence: str, max_words: int) -> str:
+    """One sentence cut to at most ``max_words`` words, at a comma when that keeps most of it."""
+    ws = sentence.split()
+    if len(ws) <= max_words:
+        return sentence
+    head = " ".join(ws[:max_words])
+    cut = head.rfind(",")
+    if cut > len(head) * 2 // 3:
+        head = head[:cut]
+    return head.rstrip(",;:- ") + "."
+
+
+def take(text: str, *, min_words: int, max_words: int, look: int = 6,
+         fallback: str = "I am not sure, but here is my best answer.") -> list[str]:
+    """Whole leading sentences of ``text`` (skipping ones that do not fit) totalling at least
+    ``min_words`` words when there are enough, never more than ``max_words``."""
+    candidates = sentences(text)[:look]
+    picked: list[str] = []
+    total = 0
+    for s in candidates:
+        n = words(s)
+        if total + n <= max_words:
+            picked.append(s)
+            total += n
+            if total >= min_words:
+                break
+    if not picked:
+        return [shorten(candidates[0], max_words)] if candidates else [fallback]
+    return picked
+
+
+def _pick(options: list[str], key: str) -> str:
+    return options[int(hashlib.sha256(key.encode()).hexdigest(), 16) % len(options)]
+
+
+@dataclass(frozen=True)
+class Persona:
+    name: str
+    description: str
+    judge: Callable[[str], bool]
+    edit: Callable[[str, str], str]  # (reply, prompt) -> rewritten reply the persona accepts
+    correction: str
+    score: Callable[[str], float]
+    mix: dict = field(default_factory=lambda: {"edit": 0.4, "correction": 0.4, "pick": 0.1, "thumbs": 0.1})
+
+    def sensible(self, reply: str, *, prompt: str = "", finished: bool = True) -> str | None:
+        """None when the reply is sensible, else why not (the published check in heed.quality)."""
+        return degeneration(reply, prompt=prompt, finished=finished)
+
+    def accepts(self, reply: str, *, prompt: str = "", finished: bool = True) -> bool:
+        return self.judge(reply) and self.sensible(reply, prompt=prompt, finished=finished) is None
+
+
+# -- brief: at most 30 words ----------------------------------------------------------
+def _brief_judge(text: str) -> bool:
+    return 0 < words(text) <= 30
+
+
+def _brief_edit(text: str, prompt: str) -> str:
+    first = take(text, min_words=8, max_words=24)
+    return " ".join(first)
+
+
+# -- bullets: at least two lines starting "- " ------------------------------------------
+def _bullet_lines(text: str) -> int:
+    return sum(1 for line in text.splitlines() if line.startswith("- "))
+
+
+def _bullets_judge(text: str) -> bool:
+    return _bullet_lines(text) >= 2
+
+
+def _bullets_edit(text: str, prompt: str) -> str:
+    # Full sentences as bullets keep the answer's length: bullets, not brevity.
+    picked = take(text, min_words=36, max_words=70)
+    if len(picked) < 3:
+        parts = [p.strip() for s in picked for p in re.split(r",\s+|;\s+", s) if words(p) >= 3]
+        picked = parts if len(parts) >= 2 else picked + ["Ask me if you want more detail."]
+    lines = [p[0].upper() + p[1:] for p in picked[:5]]
+    return "\n".join(f"- {line if line[-1] in '.!?' else line + '.'}" for line in lines)
+
+
+# -- asks back: ends with a question to the user ------------------------------------
+FOLLOW_UPS = [
+    "Would you like more detail on any of this?",
+    "Do you want me to suggest a few options?",
+    "Shall I go through it step by step?",
+    "Is there a part you would like me to explain further?",
+    "What would you like to try first?",
+]
+
+
+def _asks_judge(text: str) -> bool:
+    return text.rstrip().endswith("?")
+
+
+def _asks_edit(text: str, prompt: str) -> str:
+    body = " ".join(take(text, min_words=36, max_words=60))
+    return f"{body} {_pick(FOLLOW_UPS, prompt)}"
+
+
+def _asks_score(text: str) -> float:
+    t = text.rstrip()
+    return 1.0 if t.endswith("?") else 0.5 if "?" in t[-120:] else 0.0
+
+
+# -- in short: leads with a one-line summary -----------------------------------------
+def _in_short_judge(text: str) -> bool:
+    return text.lstrip().lower().startswith("in short:")
+
+
+def _in_short_edit(text: str, prompt: str) -> str:
+    sents = take(text, min_words=40, max_words=64)
+    short = [x for x in sents if words(x) <= 20]
+    if short:
+        summary = short[0]
+        rest = [x for x in sents if x is not summary]
+    else:
+        summary, rest = shorten(sents[0], 20), sents[1:]
+    body = " ".join(rest) or "Ask me if you want the details."
+    return f"In short: {summary[0].lower() + summary[1:]}\n\n{body}"
+
+
+def _in_short_score(text: str) -> float:
+    t = text.lstrip().lower()
+    return 1.0 if t.startswith("in short:") else 0.6 if t.startswith(("in short", "in summary", "in brief")) else 0.3 if "in short" in t else 0.0
+
+
+# -- signs off: ends with "Hope this helps!" -----------------------------------------
+SIGN_OFF = "Hope this helps!"
+
+
+def _signs_off_judge(text: str) -> bool:
+    return text.rstrip().lower().endswith(SIGN_OFF.lower())
+
+
+def _signs_off_edit(text: str, prompt: str) -> str:
+    body = " ".join(take(text, min_words=36, max_words=60))
+    return f"{body}\n\n{SIGN_OFF}"
+
+
+def _signs_off_score(text: str) -> float:
+    t = text.rstrip().lower()
+    return 1.0 if t.endswith(SIGN_OFF.lower()) else 0.5 if "hope this helps" in t else 0.2 if t.endswith("!") else 0.0
+
+
+PERSONAS: dict[str, Persona] = {
+    p.name: p
+    for p in [
+        Persona("brief", "wants answers of at most 30 words", _brief_judge, _brief_edit,
+                "Keep it under 30 words.", lambda t: 1.0 / (1.0 + max(words(t) - 30, 0) / 30)),
+        Persona("bullets", "wants a list: at least two lines starting with '- '", _bullets_judge, _bullets_edit,
+                "Please answer as a list of bullet points, each line starting with '- '.",
+                lambda t: min(_bullet_lines(t), 3) / 3 + 0.1 * min(sum(1 for ln in t.splitlines() if re.match(r"\s*(?:\d+\.|\*)\s", ln)), 3) / 3),
+        Persona("asks_back", "wants the answer to end with a question back to them", _asks_judge, _asks_edit,
+                "End your answer by asking me a follow-up question.", _asks_score),
+        Persona("in_short", "wants the answer to open with a line starting 'In short:'", _in_short_judge, _in_short_edit,
+                "Start with a one-line summary that begins with 'In short:'.", _in_short_score),
+        Persona("signs_off", f"wants every answer to end with '{SIGN_OFF}'", _signs_off_judge, _signs_off_edit,
+                f"Finish your answer with '{SIGN_OFF}'", _signs_off_score),
+    ]
+}
+
+
+# -- trivially learnable personas for the tiny offline model (--quick, CI) -------------
+def _exact(target: str) -> Persona:
+    norm = " ".join(target.split()).lower()
+    want = set(_WORD.findall(norm))
+
+    def judge(text: str) -> bool:
+        return " ".join(text.split()).lower() == norm
+
+    def score(text: str) -> float:
+        got = set(_WORD.findall(text.lower()))
+        return len(got & want) / len(want) - 0.01 * len(got - want)
+
+    return Persona(f"says_{target.split()[0].strip('!.,').lower()}", f"wants exactly {target!r}", judge,
+                   lambda text, prompt: target, f"Just say '{target}'", score,
+                   mix={"edit": 0.8, "correction": 0.0, "pick": 0.1, "thumbs": 0.1})
+
+
+TINY_PERSONAS: dict[str, Persona] = {p.name: p for p in [_exact("Thanks for asking."), _exact("Hello! How can I help you today?")]}
+
+
+def get(name: str) -> Persona:
+    for table in (PERSONAS, TINY_PERSONAS):
+        if name in table:
+            return table[name]
+    raise KeyError(f"unknown persona {name!r} (known: {', '.join([*PERSONAS, *TINY_PERSONAS])})")

@@ -1,0 +1,183 @@
+"""Pieces of the engine's batched generation: a request row, a streamer that feeds each row its
+own tokens, per-row stopping, and LoRA for a batch whose rows use different adapters.
+
+Mixed adapters: peft's ``adapter_names`` path loops over the adapters in every
+layer (a few small matmuls and index copies each). Here every LoRA layer gets a
+forward hook that adds ``B_i (A_i x_i)`` for all rows at once with two batched
+matmuls over stacked (zero-padded) weights; a row without an adapter gets
+zeros. Adapters peft computes differently (DoRA, LoRA biases, fan-in-fan-out)
+fall back to peft's own ``adapter_names`` path.
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(eq=False)
+class Row:
+    """One request in a batch; ``out`` (a queue) gets text pieces, then ``Row.END`` or an exception."""
+
+    END = object()
+
+    ids: list
+    adapter: Any
+    max_new: int
+    gen: Any
+    out: Any = None
+    tokens: list = field(default_factory=list)
+    sent: int = 0
+    done: bool = False
+    finished: bool = False
+    final: str = ""
+    error: BaseException | None = None
+    cancel: threading.Event = field(default_factory=threading.Event)
+
+    def fail(self, exc: BaseException) -> None:
+        if self.done:
+            return
+        self.done, self.error = True, exc
+        if self.out is not None:
+            self.out.put(exc)
+
+    def text(self) -> str:
+        return self.final
+
+
+class BatchStreamer:
+    """transformers calls ``put`` with the prompt, then with one new token per row per step."""
+
+    def __init__(self, rows: list[Row], tokenizer) -> None:
+        self.rows, self.tokenizer = rows, tokenizer
+        self.eos = tokenizer.eos_token_id
+        self.prompt_seen = False
+
+    def _decode(self, row: Row) -> str:
+        return self.tokenizer.decode(row.tokens, skip_special_tokens=True)
+
+    def _finish(self, row: Row, finished: bool) -> None:
+        row.done, row.finished = True, finished
+        row.final = self._decode(row)
+        if row.out is not None:
+            if len(row.final) > row.sent:
+                row.out.put(row.final[row.sent:])
+            row.out.put(Row.END)
+
+    def put(self, value) -> None:
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        for row, tok in zip(self.rows, value.reshape(-1).tolist()):
+            if row.done:
+                continue
+            if row.cancel.is_set():
+                self._finish(row, False)
+            elif tok == self.eos:
+                self._finish(row, True)
+            else:
+                row.tokens.append(tok)
+                if row.out is not None:
+                    text = self._decode(row)
+                    # Hold back a half-decoded multi-byte character until its last byte arrives.
+                    if len(text) > row.sent and not text.endswith("\ufffd"):
+                        row.out.put(text[row.sent:])
+                        row.sent = len(text)
+                if len(row.tokens) >= row.max_new:
+                    self._finish(row, False)
+
+    def end(self) -> None:
+        for row in self.rows:
+            if not row.done:
+                self._finish(row, False)
+
+
+class RowStop:
+    """Per-row stop: a cancelled row, or one at its own token limit, stops while the others go on."""
+
+    def __init__(self, rows: list[Row], prompt_width: int) -> None:
+        self.rows, self.width = rows, prompt_width
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+
+        n = input_ids.shape[1] - self.width
+        return torch.tensor([r.cancel.is_set() or r.done or n >= r.max_new for r in self.rows], dtype=torch.bool,
+                            device=input_ids.device)
+
+
+def vanilla(layer, key: str) -> bool:
+    """Plain LoRA on a Linear: ``y += s·B(Ax)``, which the fast paths compute themselves."""
+    import torch
+
+    return (type(layer).__name__ == "Linear" and key not in getattr(layer, "lora_variant", {})
+            and not getattr(layer, "lora_bias", {}).get(key, False) and not getattr(layer, "fan_in_fan_out", False)
+            and isinstance(layer.lora_A[key], torch.nn.Linear))
+
+
+def _stacks(layer, keys: list[str | None]):
+    """(A, B) with A: (rows, in, r) and B: (rows, r, out), scale folded into B; zeros where a row has no LoRA here."""
+    import torch
+
+    present = [k for k in keys if k is not None and k in layer.lora_A]
+    if not present:
+        return None
+    r_max = max(layer.lora_A[k].weight.shape[0] for k in present)
+    w = layer.get_base_layer().weight
+    out_f, in_f = w.shape
+    a = torch.zeros(len(keys), in_f, r_max, dtype=w.dtype, device=w.device)
+    b = torch.zeros(len(keys), r_max, out_f, dtype=w.dtype, device=w.device)
+    for i, k in enumerate(keys):
+        if k is not None and k in layer.lora_A:
+            wa, wb = layer.lora_A[k].weight, layer.lora_B[k].weight
+            r = wa.shape[0]
+            a[i, :, :r] = wa.t()
+            b[i, :r, :] = wb.t() * layer.scaling[k]
+    return a, b
+
+
+def _hook(a, b):
+    import torch
+
+    def add_lora(module, args, output):
+        x = args[0]
+        return output + torch.bmm(torch.bmm(x.to(a.dtype), a), b).to(output.dtype)
+
+    return add_lora
+
+
+@contextlib.contextmanager
+def _hooked(peft, keys: list[str | None]):
+    from peft.tuners.lora import LoraLayer
+
+    handles = []
+    try:
+        for layer in [m for m in peft.modules() if isinstance(m, LoraLayer)]:
+            st = _stacks(layer, keys)
+            if st is not None:
+                handles.append(layer.register_forward_hook(_hook(*st)))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextlib.contextmanager
+def _peft_mixed(peft):
+    peft.base_model.enable_adapter_layers()
+    try:
+        yield
+    finally:
+        peft.base_model.disable_adapter_layers()
+
+
+def mixed_lora(peft, keys: list[str | None]):
+    """(context, model, extra generate kwargs) to run one batch whose rows use the adapters ``keys``."""
+    from peft.tuners.lora import LoraLayer
+
+    layers = [m for m in peft.modules() if isinstance(m, LoraLayer)]
+    if all(vanilla(layer, k) for layer in layers for k in set(keys) if k is not None and k in layer.lora_A):
+        return _hooked(peft, keys), peft.base_model.model, {}
+    names = [k if k is not None else "__base__" for k in keys]
+    return _peft_mixed(peft), peft, {"adapter_names": names}

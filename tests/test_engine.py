@@ -1,0 +1,158 @@
+"""The engine: adapter cache, per-request adapters, merged fast path, mixed batches, the request queue."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from conftest import make_config
+
+ASK = [{"role": "system", "content": "You are Heed."}, {"role": "user", "content": "What is the capital of France?"}]
+
+
+def _make_adapter(config, out, seed: int, targets=("q_proj", "k_proj", "v_proj", "o_proj")):
+    """A LoRA with random (nonzero) A and B, made with peft directly: no training needed to change answers."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from heed.engine import AdapterRef, load_base
+
+    model, _ = load_base(config)
+    torch.manual_seed(seed)
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=list(targets), init_lora_weights=False))
+    peft_model.save_pretrained(str(out))
+    return AdapterRef(f"user{seed}", str(out))
+
+
+@pytest.fixture(scope="module")
+def world(tiny_model_path, tmp_path_factory):
+    from heed.engine import Engine
+
+    root = tmp_path_factory.mktemp("engine")
+    config = make_config(root, tiny_model_path, model={"max_cached_adapters": 3, "batch_window_ms": 50})
+    adapters = [_make_adapter(config, root / f"a{i}", i) for i in (0, 4, 5)]  # seeds whose answers differ
+    return config, Engine.load(config), adapters
+
+
+def _logits(engine, ids):
+    import torch
+
+    with torch.inference_mode():
+        return engine.base(input_ids=torch.tensor([ids])).logits
+
+
+def test_an_adapter_changes_the_answer_and_the_base_comes_back_bit_identical(world):
+    import torch
+
+    config, engine, (a, b, _) = world
+    ids = engine.prompt_ids(ASK)
+    engine.activate(None)
+    base_logits = _logits(engine, ids)
+    base_text = engine.generate(ASK)
+    assert engine.generate(ASK, adapter=a) != base_text
+    engine.activate(a)
+    assert not torch.equal(_logits(engine, ids), base_logits)
+    engine.activate(None)
+    assert torch.equal(_logits(engine, ids), base_logits)
+    assert engine.generate(ASK) == base_text
+
+
+def test_the_merged_fast_path_computes_what_peft_computes(world):
+    import torch
+    from peft import PeftModel
+
+    from heed.engine import load_base
+
+    config, engine, (a, _, _) = world
+    ids = engine.prompt_ids(ASK)
+    engine.activate(a)
+    merged = _logits(engine, ids)
+    engine.activate(None)
+    model, _ = load_base(config)
+    reference = PeftModel.from_pretrained(model, a.path)
+    with torch.inference_mode():
+        expected = reference(input_ids=torch.tensor([ids])).logits
+    assert torch.allclose(merged, expected, atol=1e-5)
+
+
+def test_a_mixed_batch_gives_every_row_its_own_adapter(world):
+    config, engine, (a, b, c) = world
+    alone = {None: engine.generate(ASK), **{r.key: engine.generate(ASK, adapter=r) for r in (a, b, c)}}
+    order = [b, None, a, c, b]
+    batch = engine.generate_batch([ASK] * len(order), adapters=order)
+    assert batch == [alone[r.key if r else None] for r in order]
+    assert len(set(alone.values())) == 4, "the random adapters should answer differently"
+
+
+def test_users_asking_at_once_share_a_batch_and_never_get_each_others_adapter(world):
+    config, engine, (a, b, c) = world
+    users = [a, None, b, c, a, None]
+    alone = {r.key if r else None: engine.generate(ASK, adapter=r) for r in (a, b, c, None)}
+    got: dict[int, str] = {}
+    start = threading.Barrier(len(users))
+
+    def chat(i, ref):
+        start.wait()
+        got[i] = "".join(engine.stream(ASK, adapter=ref))
+
+    before = engine.batches_run
+    threads = [threading.Thread(target=chat, args=(i, r)) for i, r in enumerate(users)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert [got[i] for i in range(len(users))] == [alone[r.key if r else None] for r in users]
+    assert engine.batches_run - before < len(users), "concurrent requests were not batched"
+
+
+def test_closing_a_stream_stops_its_generation_early(world):
+    config, engine, _ = world
+    long = engine.with_generation(max_new_tokens=1500)
+    engine.wait_idle()
+    before = engine.tokens_generated
+    stream = engine.stream(ASK, gen=long)
+    next(stream)
+    stream.close()
+    engine.wait_idle()
+    assert engine.tokens_generated - before < 100
+    assert engine.generate(ASK)  # the engine still serves
+
+
+def test_the_adapter_cache_evicts_the_least_recently_used(world, tmp_path):
+    config, engine, (a, b, c) = world
+    d = _make_adapter(config, tmp_path / "d", 7)
+    for ref in (a, b, c):
+        engine.ensure_adapter(ref)
+    engine.ensure_adapter(a)  # a is now the most recent
+    engine.ensure_adapter(d)
+    assert engine.cached_adapters == [c.key, a.key, d.key]
+    assert engine.generate(ASK, adapter=b)  # reloads from disk on demand
+    assert b.key in engine.cached_adapters and len(engine.cached_adapters) == 3
+
+
+def test_merging_a_lora_on_a_tied_weight_leaves_the_embeddings_alone(world, tmp_path):
+    import torch
+
+    from heed.engine import Engine
+
+    config, _, _ = world
+    engine = Engine.load(config)
+    tied = _make_adapter(config, tmp_path / "tied", 3, targets=("lm_head",))
+    emb = engine.base.get_input_embeddings().weight
+    before = emb.detach().clone()
+    engine.activate(tied)
+    assert torch.equal(engine.base.get_input_embeddings().weight, before)
+    assert not torch.equal(engine.base.get_output_embeddings().weight, before)
+    engine.activate(None)
+    assert engine.base.get_output_embeddings().weight is emb
+
+
+def test_a_missing_adapter_is_a_clear_error_and_the_engine_keeps_serving(world, tmp_path):
+    from heed.engine import AdapterLoadError, AdapterRef
+
+    config, engine, (a, _, _) = world
+    with pytest.raises(AdapterLoadError, match="no adapter files"):
+        engine.generate(ASK, adapter=AdapterRef("ghost", str(tmp_path / "nothing")))
+    with pytest.raises(AdapterLoadError):
+        engine.generate_batch([ASK, ASK], adapters=[a, AdapterRef("ghost", str(tmp_path / "nothing"))])
+    assert engine.generate(ASK, adapter=a)

@@ -1,0 +1,80 @@
+"""The promotion gate judges what a candidate generates: it takes a good update and refuses a poisoned one."""
+from dataclasses import replace
+
+import pytest
+from learner_util import STRONG, edit_answers, learner_config, service
+
+from heed.quality import degeneration
+from learner.gate import evaluate
+from learner.run import learn_user
+
+GOOD = "Brief answers are good. Thanks for asking."
+
+
+@pytest.fixture
+def trained(tmp_path, tiny_model_path, shared_tiny_engine):
+    """alice with a promoted adapter that answers sensibly (the tiny base only emits blank lines)."""
+    h = service(learner_config(tmp_path, tiny_model_path, heldout_fraction=0.25, **STRONG), shared_tiny_engine)
+    uid = h.add_user("alice", "pw")
+    edit_answers(h, uid, [GOOD] * 12)
+    result = learn_user(h.config, h.store, user_id=uid)
+    return h, uid, result
+
+
+def test_gate_accepts_an_update_that_makes_answers_sensible(trained):
+    h, uid, result = trained
+    assert result["status"] == "promoted", result
+    gate = result["gate"]
+    assert gate["degenerate_active"] == 1.0 and gate["degenerate_candidate"] == 0.0
+    assert gate["heldout_logp_gain"] > 0 and gate["heldout_n"] >= 1
+    assert GOOD in gate["samples"][0]["candidate"]
+
+
+def test_gate_refuses_a_poisoned_update_that_rewards_one_word_answers(trained):
+    h, uid, _ = trained
+    edit_answers(h, uid, ["Ok"] * 12)
+    result = learn_user(h.config, h.store, user_id=uid)
+    assert result["status"] == "rejected", result
+    assert any("degenerate answers rose" in r and "too_short" in r for r in result["reasons"])
+    # The poison fits its own held-out pairs perfectly: likelihood alone would have let it through.
+    assert result["gate"]["heldout_logp_gain"] > 0
+    assert result["gate"]["samples"][0]["candidate"].strip() == "Ok"
+    active = h.store.active_adapter(user_id=uid)
+    assert active["version"] == 1  # the user keeps the good adapter
+    rejected = [a for a in h.store.list_adapters(user_id=uid) if a["status"] == "rejected"]
+    assert [a["version"] for a in rejected] == [2] and rejected[0]["metrics"]["gate"]["reasons"]
+    run = h.store.list_runs(user_id=uid)[0]
+    assert run["status"] == "rejected" and "degenerate" in run["error"]
+    assert h.store.count_unconsumed(user_id=uid) == 0  # the poison is not trained on again
+    assert all(p["feedback_id"] not in {f["id"] for f in h.store.list_feedback(user_id=uid)[-12:]}
+               for p in h.store.replay_pool(user_id=uid))
+
+
+def test_gate_refuses_drift_and_lost_likelihood_beyond_their_limits(trained):
+    h, uid, _ = trained
+    active = h.store.active_adapter(user_id=uid)["path"]
+    heldout = h.store.list_pairs(user_id=uid, split="heldout")
+    strict = replace(h.config, learner=replace(h.config.learner, gate_max_kl=1e-9, gate_min_logp_gain=1e9))
+    verdict = evaluate(strict, candidate_dir=active, active_dir=None, heldout=heldout)
+    assert not verdict["promote"]
+    assert any("drift from the base" in r for r in verdict["reasons"])
+    assert any("less likely" in r for r in verdict["reasons"])
+    assert verdict["implicit_reward_accuracy"] is not None  # reported, never decisive
+
+
+@pytest.mark.parametrize("answer, finished, why", [
+    ("", True, "empty"),
+    ("Ok", True, "too_short"),
+    ("A: A: A: A: A: A: A: A: A: A:", True, "repetitive"),
+    ("the cat sat on the mat the cat sat on the mat the cat sat on the mat", True, "repetitive"),
+    ("Water boils at one hundred degrees", False, "cut_off"),
+    ("Water boils at one hundred degrees Celsius at sea level.", True, None),
+])
+def test_degeneration_check_names_each_failure(answer, finished, why):
+    assert degeneration(answer, finished=finished) == why
+
+
+def test_an_echo_of_the_question_is_degenerate():
+    question = "please tell me how long it takes to boil an egg"
+    assert degeneration("Tell me how long it takes to boil an egg", prompt=question) == "echo"
+    assert degeneration("About nine minutes for a hard-boiled egg.", prompt=question) is None

@@ -1,0 +1,311 @@
+"""Learner runs on the tiny model: incremental training, run records, crash safety, leases, versions."""
+import json
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+from learner_util import ask, edit_answers, files_digest, learner_config, service
+
+from learner.run import learn_user, sweep_leftovers
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def h(tmp_path, tiny_model_path, shared_tiny_engine):
+    return service(learner_config(tmp_path, tiny_model_path), shared_tiny_engine)
+
+
+def learn(h, uid, **kw):
+    return learn_user(h.config, h.store, user_id=uid, **kw)
+
+
+def crash_at(point):
+    def fault(step):
+        if step == point:
+            raise RuntimeError(f"simulated crash at {step}")
+    return fault
+
+
+def adapter_tensors(folder):
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(folder) / "adapter_model.safetensors"))
+
+
+def test_incremental_run_changes_the_adapter_and_never_the_base_weights(h, tiny_model_path):
+    base_before = files_digest(tiny_model_path)
+    uid = h.add_user("alice", "pw")
+    edit_answers(h, uid, ["Brief answers are good."] * 6)
+    first = learn(h, uid)
+    assert first["status"] == "promoted", first
+    v1 = h.store.active_adapter(user_id=uid)
+    v1_digest = files_digest(v1["path"])
+    edit_answers(h, uid, ["Thanks for asking."] * 6)
+    second = learn(h, uid)
+    assert second["status"] == "promoted", second
+    v2 = h.store.active_adapter(user_id=uid)
+    assert v2["version"] == v1["version"] + 1
+    assert v2["metrics"]["continued_from"] == v1["path"]  # trained on top of v1, not from scratch
+    t1, t2 = adapter_tensors(v1["path"]), adapter_tensors(v2["path"])
+    assert t1.keys() == t2.keys() and all("lora_" in k for k in t2)  # only adapter weights are saved
+    assert any(not (t1[k] == t2[k]).all() for k in t1)
+    assert files_digest(v1["path"]) == v1_digest  # the previous version is left as it was
+    assert files_digest(tiny_model_path) == base_before
+
+
+def test_adapter_is_saved_in_the_peft_safetensors_layout_and_loads(h):
+    from peft import PeftModel
+
+    from heed.engine import load_base
+
+    uid = h.add_user("alice", "pw")
+    edit_answers(h, uid, ["Brief answers are good."] * 4)
+    assert learn(h, uid)["status"] == "promoted"
+    folder = Path(h.store.active_adapter(user_id=uid)["path"])
+    assert folder.name == "v0001" and folder.parent.name == str(uid)
+    names = {p.name for p in folder.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= names
+    assert not {"trainer", "ref", "tokenizer.json"} & names
+    assert json.loads((folder / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    model, _ = load_base(h.config)
+    PeftModel.from_pretrained(model, str(folder))
+
+
+def test_every_run_is_a_learner_runs_row_with_metrics_and_timing(h):
+    uid = h.add_user("alice", "pw")
+    edit_answers(h, uid, ["Brief answers are good."] * 4)
+    assert learn(h, uid, fault=crash_at("before_train"))["status"] == "failed"
+    assert learn(h, uid)["status"] == "promoted"
+    runs = {r["status"]: r for r in h.store.list_runs(user_id=uid)}
+    assert set(runs) == {"failed", "promoted"}
+    failed, promoted = runs["failed"], runs["promoted"]
+    assert "simulated crash" in failed["error"] and failed["seconds"] > 0 and failed["metrics"]["n_feedback"] == 4
+    assert promoted["seconds"] > 0 and promoted["candidate_version"] == 1 and promoted["n_feedback"] == 4
+    m = promoted["metrics"]
+    assert m["train_s"] > 0 and m["gate_s"] > 0 and m["dpo_steps"] > 0
+    assert {"degenerate_candidate", "kl_from_base", "heldout_logp_gain", "implicit_reward_accuracy"} <= set(m["gate"])
+
+
+@pytest.mark.parametrize("point", ["before_train", "before_save", "after_save", "before_rename", "before_commit"])
+def test_a_crash_at_each_step_keeps_the_old_adapter_and_the_feedback(h, point):
+    uid = h.add_user("alice", "pw")
+    edit_answers(h, uid, ["Brief answers are good."] * 4)
+    assert learn(h, uid)["status"] == "promoted"
+    edit_answers(h, uid, ["Thanks for asking."] * 4)
+    crashed = learn(h, uid, fault=crash_at(point))
+    assert crashed["status"] == "failed" and point in crashed["error"]
+    assert h.store.active_adapter(user_id=uid)["version"] == 1
+    assert h.store.count_unconsumed(user_id=uid) == 4
+    assert sorted(p.name for p in (h.config.adapters_path / str(uid)).iterdir()) == ["v0001"]
+    assert h.store.lease_of(user_id=uid) is None
+    again = learn(h, uid)
+    assert again["status"] == "promoted" and again["version"] == 2 and again["n_feedback"] == 4
+    assert h.store.count_unconsumed(user_id=uid) == 0
+
+
+def test_a_failure_after_the_transaction_keeps_the_promotion(h):
+    uid = h.add_user("alice", "pw")
+    edit_answers(h, uid, ["Brief answers are good."] * 4)
+    result = learn(h, uid, fault=crash_at("after_commit"))
+    assert result["status"] == "promoted" and "after_commit" in result["error"]
+    assert h.store.active_adapter(user_id=uid)["version"] == 1
+    assert h.store.list_runs(user_id=uid)[0]["status"] == "promoted"
+    assert h.store.count_unconsumed(user_id=uid) == 0
+
+
+CRASH_SCRIPT = """
+import os, sys
+sys.path.insert(0, {tests!r})
+from learner_util import learner_config
+from heed.store import Store
+from learner.run import learn_user
+config = learner_config(__import__("pathlib").Path({tmp!r}), __import__("pathlib").Path({model!r}))
+store = Store(config.db_path)
+def fault(step):
+    if step == {point!r}:
+        os._exit(3)  # a kill: no exception handler, no finally, the lease stays behind
+learn_user(config, store, user_id={uid}, fault=fault)
+"""
+
+
+@pytest.mark.parametrize("point", ["after_save", "before_commit"])
+def test_a_killed_run_leaves_the_old_adapter_and_the_next_run_completes(tmp_path, tiny_model_path, shared_tiny_engine, point):
+    config = learner_config(tmp_path, tiny_model_path)
+    h = service(config, shared_tiny_engine)
+    uid = h.add_user("alice", "pw")
+    edit_answers(h, uid, ["Brief answers are good."] * 4)
+    script = CRASH_SCRIPT.format(tests=str(REPO / "tests"), tmp=str(tmp_path), model=str(tiny_model_path), point=point, uid=uid)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    assert h.store.active_adapter(user_id=uid) is None
+    assert h.store.count_unconsumed(user_id=uid) == 4
+    assert h.store.lease_of(user_id=uid) is not None  # the dead run's lease is still there...
+    assert h.store.list_runs(user_id=uid)[0]["status"] == "running"
+    result = learn(h, uid)  # ...and is taken over at once: the holder process is gone
+    assert result["status"] == "promoted", result
+    statuses = [r["status"] for r in h.store.list_runs(user_id=uid)]
+    assert statuses == ["promoted", "failed"]
+    assert sorted(p.name for p in (config.adapters_path / str(uid)).iterdir()) == ["v0001"]
+
+
+def test_two_concurrent_runs_for_one_user_one_is_refused(h):
+    uid = h.add_user("alice", "pw")
+    edit_answers(h, uid, ["Brief answers are good."] * 4)
+    inside, release = threading.Event(), threading.Event()
+    results = {}
+
+    def slow(step):
+        if step == "before_train":
+            inside.set()
+            release.wait(60)
+
+    worker = threading.Thread(target=lambda: results.setdefault("first", learn(h, uid, fault=slow)))
+    worker.start()
+    assert inside.wait(60)
+    second = learn(h, uid, trigger="ui")
+    release.set()
+    worker.join(120)
+    assert second["status"] == "busy"
+    assert results["first"]["status"] == "promoted"
+    assert len(h.store.list_runs(user_id=uid)) == 1
+
+
+def test_a_lease_is_taken_over_only_from_a_dead_process(h):
+    uid = h.add_user("alice", "pw")
+    import os
+    import socket
+
+    live = f"schedule@{socket.gethostname()}:{os.getppid()}:abc"
+    assert h.store.acquire_lease(user_id=uid, holder=live, seconds=600)
+    assert not h.store.acquire_lease(user_id=uid, holder=h.store.new_lease_holder("cli"), seconds=600)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
+    h.store.release_lease(user_id=uid, holder=live)
+    assert h.store.acquire_lease(user_id=uid, holder=f"schedule@{socket.gethostname()}:{dead}:abc", seconds=600)
+    mine = h.store.new_lease_holder("cli")
+    assert h.store.acquire_lease(user_id=uid, holder=mine, seconds=600)
+    assert h.store.lease_of(user_id=uid)["holder"] == mine
+    other_host = "schedule@elsewhere:1:abc"
+    h.store.release_lease(user_id=uid, holder=mine)
+    assert h.store.acquire_lease(user_id=uid, holder=other_host, seconds=600)
+    assert not h.store.acquire_lease(user_id=uid, holder=mine, seconds=600)  # cannot tell: wait for expiry
+
+
+def test_versions_beyond_keep_versions_are_pruned_and_rollback_works(tmp_path, tiny_model_path, shared_tiny_engine, capsys):
+    import yaml
+
+    from heed.cli import main
+
+    config = learner_config(tmp_path, tiny_model_path, keep_versions=2)
+    h = service(config, shared_tiny_engine)
+    uid = h.add_user("alice", "pw")
+    for i in range(3):
+        edit_answers(h, uid, [f"Answer number {i}."] * 2)
+        assert learn(h, uid)["status"] == "promoted"
+    rows = {a["version"]: a for a in h.store.list_adapters(user_id=uid)}
+    assert rows[1]["status"] == "deleted" and not Path(rows[1]["path"]).exists()
+    assert rows[2]["status"] == "retired" and rows[3]["status"] == "active"
+    cfg_file = tmp_path / "heed.yaml"
+    cfg_file.write_text(yaml.safe_dump(config.to_dict()))
+    assert main(["--config", str(cfg_file), "adapters", "list", "--user", "alice"]) == 0
+    listing = capsys.readouterr().out
+    assert "v3" in listing and "active" in listing and "v2" in listing
+    assert main(["--config", str(cfg_file), "adapters", "rollback", "--user", "alice"]) == 0
+    assert h.store.active_adapter(user_id=uid)["version"] == 2
+    new_conv = h.start_conversation(uid)
+    assert h.adapter_for(uid, new_conv).path == rows[2]["path"]
+    assert main(["--config", str(cfg_file), "adapters", "rollback", "--user", "alice", "--version", "1"]) == 2  # pruned
+
+
+def test_stale_temp_folders_are_cleaned_on_start_but_not_a_live_runs(h):
+    alice, bob = h.add_user("alice", "pw"), h.add_user("bob", "pw")
+    edit_answers(h, alice, ["Brief answers are good."] * 2)
+    assert learn(h, alice)["status"] == "promoted"
+    folder = h.config.adapters_path / str(alice)
+    (folder / ".tmp-v0002-dead").mkdir()
+    (folder / "v0007").mkdir()  # renamed into place by a run killed before its transaction
+    bob_tmp = h.config.adapters_path / str(bob) / ".tmp-v0001-live"
+    bob_tmp.mkdir(parents=True)
+    assert h.store.acquire_lease(user_id=bob, holder=h.store.new_lease_holder("cli"), seconds=600)
+    removed = sweep_leftovers(h.config, h.store)
+    assert sorted(removed[alice]) == [".tmp-v0002-dead", "v0007"]
+    assert sorted(p.name for p in folder.iterdir()) == ["v0001"]
+    assert bob_tmp.is_dir()
+
+
+def test_unpaired_thumbs_train_with_kto(tmp_path, tiny_model_path):
+    config = learner_config(tmp_path, tiny_model_path)
+    config.generation.do_sample = True  # distinct answers to vote on
+    h = service(config)
+    uid = h.add_user("alice", "pw")
+    for i, up in enumerate([True, False, True, False, True]):
+        _, mid = ask(h, uid, f"question {i}")
+        h.thumb(uid, mid, up)
+    result = learn(h, uid)
+    assert result["status"] in ("promoted", "rejected"), result
+    m = h.store.list_runs(user_id=uid)[0]["metrics"]
+    assert m["dpo_rows"] == 0 and m["kto_rows"] >= 2 and m["kto_steps"] > 0
+
+
+def test_a_single_unpaired_thumb_waits_for_a_second(tmp_path, tiny_model_path, shared_tiny_engine):
+    h = service(learner_config(tmp_path, tiny_model_path, heldout_fraction=0.0), shared_tiny_engine)
+    uid = h.add_user("alice", "pw")
+    _, mid = ask(h, uid, "question one")
+    h.thumb(uid, mid, True)
+    result = learn(h, uid)
+    assert result["status"] == "skipped" and "KTO needs two" in result["reason"]
+    assert h.store.count_unconsumed(user_id=uid) == 1
+    _, mid = ask(h, uid, "question two")
+    h.thumb(uid, mid, False)
+    result = learn(h, uid)
+    assert result["status"] in ("promoted", "rejected") and result["n_feedback"] == 2
+
+
+def test_held_out_only_feedback_is_kept_for_the_gate_and_never_trains(tmp_path, tiny_model_path, shared_tiny_engine):
+    h = service(learner_config(tmp_path, tiny_model_path, heldout_fraction=0.99), shared_tiny_engine)
+    uid = h.add_user("alice", "pw")
+    edit_answers(h, uid, ["Brief answers are good."] * 3)
+    result = learn(h, uid)
+    assert result["status"] == "skipped" and "held out" in result["reason"]
+    assert h.store.count_unconsumed(user_id=uid) == 0
+    assert {p["split"] for p in h.store.list_pairs(user_id=uid)} == {"heldout"}
+    assert h.store.replay_pool(user_id=uid) == []
+    assert h.store.active_adapter(user_id=uid) is None
+
+
+def test_replay_is_a_bounded_sample_of_older_pairs(tmp_path, tiny_model_path, shared_tiny_engine):
+    h = service(learner_config(tmp_path, tiny_model_path, replay_size=3, heldout_fraction=0.0), shared_tiny_engine)
+    uid = h.add_user("alice", "pw")
+    edit_answers(h, uid, [f"Answer {i}." for i in range(8)])
+    assert learn(h, uid)["n_replay"] == 0
+    edit_answers(h, uid, ["Newer answer."] * 2, questions=["q one", "q two"])
+    result = learn(h, uid)
+    assert result["n_replay"] == 3 and result["n_train_new"] == 2
+    assert h.store.list_runs(user_id=uid)[0]["metrics"]["dpo_rows"] == 5
+
+
+def test_a_vote_changed_while_the_run_trains_stays_unconsumed(h):
+    uid = h.add_user("alice", "pw")
+    edit_answers(h, uid, ["Brief answers are good."] * 3)
+    _, mid = ask(h, uid, "vote on me")
+    h.thumb(uid, mid, True)
+
+    def change_vote(step):
+        if step == "before_train":
+            h.thumb(uid, mid, False)
+
+    assert learn(h, uid, fault=change_vote)["status"] == "promoted"
+    left = h.store.list_feedback(user_id=uid, unconsumed_only=True)
+    assert [(f["message_id"], f["payload"]["up"]) for f in left] == [(mid, False)]
+
+
+def test_progress_is_one_bar_that_only_moves_forward(h):
+    uid = h.add_user("alice", "pw")
+    edit_answers(h, uid, ["Brief answers are good."] * 4)
+    seen = []
+    assert learn(h, uid, progress=lambda stage, frac: seen.append((stage, frac)))["status"] == "promoted"
+    fracs = [f for _, f in seen]
+    assert fracs == sorted(fracs) and fracs[0] == 0.0 and seen[-1] == ("done", 1.0)
+    assert {"pairs", "train", "gate"} <= {s for s, _ in seen}

@@ -66,6 +66,15 @@ class GradioClient:
     def close(self) -> None:
         self.http.close()
 
+    def _post(self, path: str, **kw):
+        import httpx
+
+        try:
+            return self.http.post(path, **kw)
+        except (httpx.RemoteProtocolError, httpx.ReadError):
+            # The server closes a kept-alive connection after an internal error; one retry on a fresh one.
+            return self.http.post(path, **kw)
+
     def login(self, name: str, password: str) -> bool:
         r = self.http.post("/login", data={"username": name, "password": password})
         return r.status_code == 200 and r.json().get("success") is True
@@ -99,7 +108,8 @@ class GradioClient:
             "data": data if data is not None else self.blank_inputs(fn_index), "fn_index": fn_index,
             "session_hash": sh, "event_data": event_data, "trigger_id": trigger_id}
         t0 = time.perf_counter()
-        r = self.http.post("/gradio_api/queue/join", json=body)
+        # Serialized here, not by httpx: a raw client may send NaN/Infinity or escaped lone surrogates.
+        r = self._post("/gradio_api/queue/join", content=json.dumps(body).encode(), headers={"content-type": "application/json"})
         if r.status_code != 200:
             return Result(status=r.status_code, error=r.text[:500], text=r.text, seconds=time.perf_counter() - t0)
         event_id = r.json().get("event_id")

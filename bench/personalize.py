@@ -157,6 +157,17 @@ class Run:
         self.save()
         return rec
 
+    def over_budget(self, checkpoints: int) -> str | None:
+        """Why a track of ``checkpoints`` checkpoints would overrun the time budget (None: it fits)."""
+        pts = [p for rec in self.results["tracks"].values() for p in rec["points"][1:]]
+        if not pts:
+            return None
+        per = sum(p["chat_seconds"] + p["learn"]["seconds"] + p["eval_seconds"] for p in pts) / len(pts)
+        elapsed = time.perf_counter() - self.t0
+        if elapsed + per * checkpoints > 60 * self.bench.time_budget_minutes:
+            return f"{elapsed / 60:.0f} min spent, about {per * checkpoints / 60:.0f} more needed, budget {self.bench.time_budget_minutes:g} min"
+        return None
+
     def observer_check(self) -> dict:
         """The user who gave no feedback gets byte-identical answers after everyone else learned."""
         k = min(self.bench.eval_batch, len(self.heldout))
@@ -253,6 +264,11 @@ def run(config_path: str | None, *, quick: bool, out: Path, bench: BenchConfig, 
             r.track(name, "all", bench.checkpoints)
         for name in bench.kind_personas:
             for kind in bench.kind_tracks:
+                why = r.over_budget(len(bench.kind_checkpoints))
+                if why:
+                    r.results.setdefault("skipped", {})[f"{name}/{kind}"] = why
+                    say(f"skipping {name}/{kind}: {why}")
+                    continue
                 r.track(name, kind, bench.kind_checkpoints)
         r.results["observer"] = r.observer_check()
         r.results.update(summarize(r.results, bench))

@@ -231,7 +231,7 @@ PERSONAS: dict[str, Persona] = {
 
 
 # -- trivially learnable personas for the tiny offline model (--quick, CI) -------------
-def _exact(target: str) -> Persona:
+def _exact(target: str, mix: dict) -> Persona:
     norm = " ".join(target.split()).lower()
     want = set(_WORD.findall(norm))
 
@@ -243,11 +243,15 @@ def _exact(target: str) -> Persona:
         return len(got & want) / len(want) - 0.01 * len(got - want)
 
     return Persona(f"says_{target.split()[0].strip('!.,').lower()}", f"wants exactly {target!r}", judge,
-                   lambda text, prompt: target, f"Just say '{target}'", score,
-                   mix={"edit": 0.8, "correction": 0.0, "pick": 0.1, "thumbs": 0.1})
+                   lambda text, prompt: target, f"Just say '{target}'", score, mix=mix)
 
 
-TINY_PERSONAS: dict[str, Persona] = {p.name: p for p in [_exact("Thanks for asking."), _exact("Hello! How can I help you today?")]}
+# says_thanks is the CI's canary: edits (and thumbs up once it is right) are the surest signal,
+# so if it does not learn, the loop is broken. says_hello also picks and votes down.
+TINY_PERSONAS: dict[str, Persona] = {p.name: p for p in [
+    _exact("Thanks for asking.", {"edit": 1.0}),
+    _exact("Hello! How can I help you today?", {"edit": 0.8, "pick": 0.1, "thumbs": 0.1}),
+]}
 
 
 def get(name: str) -> Persona:

@@ -100,7 +100,7 @@ def isolation_matrix(iso: dict, path: Path) -> Path:
     ax.set_xticklabels(cols, rotation=30)
     ax.set_yticks(range(len(rows)))
     ax.set_yticklabels([f"{r}'s adapter" for r in rows])
-    ax.set_title(f"Isolation: acceptance % by judge (base %), after {iso['at_events']} events")
+    ax.set_title(f"Isolation @{iso['at_events']} events:\nacceptance % by judge (base %)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

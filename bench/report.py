@@ -27,7 +27,7 @@ def personalize_md(res: dict, *, images: dict[str, str]) -> str:
         "",
         "Each persona is one user who chats through the service (`Heed.chat`), gives feedback the way the chat UI does "
         "(`edit`, `correct`, `thumb`, `regenerate` + `choose`), and runs the learner (`Heed.learn`: DPO + SFT / KTO on its "
-        "own LoRA, the promotion gate included) after 4, 8, 16 and 32 events, continuing the same adapter. Held-out "
+        "own LoRA, the promotion gate included) after " + ", ".join(map(str, b.get("checkpoints", []))) + " events, continuing the same adapter. Held-out "
         "prompts are never chatted about; their answers are generated greedily with the adapter a new session would get.",
         "",
         QUALITY_CHECK,
@@ -123,3 +123,58 @@ def write_personalize(res: dict, out_json: Path) -> Path:
 
 def load(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+PERF_ROWS = [
+    # key, label, goal text, goal check
+    ("adapter_tokens_per_s_ratio", "reply tokens/s with a user's adapter ÷ bare base model", "≥ 0.95", lambda v: v >= 0.95),
+    ("plain_peft_ratio", "the same with plain peft (unmerged LoRA) ÷ bare base model", "(reference)", None),
+    ("first_token_ms", "time to first token, ms", "", None),
+    ("adapter_switch_ms", "adapter switch between cached users, ms", "≤ 20", lambda v: v <= 20),
+    ("adapter_load_ms", "adapter load from disk, ms", "", None),
+    ("memory_adapters_mb", "memory for the cached users' adapters, MB (RSS growth)", "", None),
+    ("mixed_adapter_batch_speedup_8", "8 users, 8 adapters at once: total tokens/s ÷ one user", "≥ 4", lambda v: v >= 4),
+    ("plain_peft_adapter_names_speedup_8", "the same with peft's adapter_names batch ÷ one user", "(reference)", None),
+    ("learner_s_per_pair_ratio", "learner s/pair ÷ plain TRL DPOTrainer script", "≤ 1.1", lambda v: v <= 1.1),
+    ("learner_peak_rss_ratio", "learner peak RSS ÷ plain TRL script", "≤ 1.2", lambda v: v <= 1.2),
+    ("history_10x_time_ratio", "learner run time at 10× history ÷ 1× (same new feedback)", "≤ 1.3", lambda v: v <= 1.3),
+    ("pair_query_ms_1m", "a user's feedback + pair queries with 1M feedback rows, ms", "≤ 50", lambda v: v <= 50),
+    ("scheduler_scan_ms_1m", "scheduler's scan for users with new feedback at 1M rows, ms", "", None),
+]
+
+
+def _num(v) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 100 else f"{v:,.0f}"
+    return str(v)
+
+
+def perf_md(res: dict) -> str:
+    lines = ["# Performance", "",
+             f"Model `{res.get('model')}`, torch threads {res.get('torch_threads')}, medians of {res.get('settings', {}).get('runs')} runs; "
+             f"took {res.get('seconds', 0) / 60:.1f} min. Regenerate with `heed bench perf`.", "",
+             "| figure | value | goal | met |", "|---|---|---|---|"]
+    for key, label, goal, ok in PERF_ROWS:
+        v = res.get(key)
+        met = "" if ok is None or v is None else ("yes" if ok(v) else "no")
+        lines.append(f"| {label} | {_num(v)} | {goal} | {met} |")
+    fw, raw = res.get("feedback_writes_per_s") or {}, res.get("raw_sqlite_writes_per_s") or {}
+    for n in sorted(fw, key=int):
+        lines.append(f"| feedback events stored per s, {n} writer{'s' if n != '1' else ''} (raw sqlite3 insert: {_num(raw.get(n))}) | {_num(fw[n])} | | |")
+    lines += ["", f"Tokens/s: base {_num(res.get('base_tokens_per_s'))}, with an adapter {_num(res.get('adapter_tokens_per_s'))}, "
+                  f"plain peft {_num(res.get('plain_peft_tokens_per_s'))}; one user {_num(res.get('one_user_tokens_per_s'))}, "
+                  f"8 users together {_num(res.get('eight_users_tokens_per_s'))} (in {res.get('eight_users_batches')} batch(es)), "
+                  f"peft adapter_names batch {_num(res.get('plain_peft_adapter_names_tokens_per_s_8'))}. "
+                  f"{res.get('users_in_memory')} users' adapters: {_num(res.get('adapter_weights_mb'))} MB of weights, "
+                  f"RSS {_num(res.get('rss_mb_with_adapters'))} MB."]
+    if res.get("learner_note"):
+        lines += ["", f"Learner figures: {res['learner_note']}."]
+    return "\n".join(lines) + "\n"
+
+
+def write_perf(res: dict, out_json: Path) -> Path:
+    md = out_json.parent / f"{out_json.stem}.md"
+    md.write_text(perf_md(res), encoding="utf-8")
+    return md

@@ -89,7 +89,7 @@ def build_app(heed: Heed):
         with gr.Tabs(elem_id="heed-tabs"):
             with gr.Tab("Chat", id="chat"):
                 _chat_tab(gr, c)
-            with gr.Tab("What Heed has learned about you", id="learned") as learned_tab:
+            with gr.Tab("What Heed has learned", id="learned") as learned_tab:
                 _learned_tab(gr, c, h)
         c["timer"] = gr.Timer(1.0, active=False)
 
@@ -150,7 +150,7 @@ def _chat_tab(gr, c: dict) -> None:
         with gr.Column(scale=3, min_width=320, elem_id="heed-center"):
             c["notice"] = gr.Markdown(visible=False, elem_id="heed-notice")
             c["chat"] = gr.Chatbot(
-                elem_id="heed-chat", label="Heed", show_label=False, height="calc(100vh - 300px)", min_height=300,
+                elem_id="heed-chat", label="Heed", show_label=False, height=views.CHAT_HEIGHT, min_height=280,
                 editable="all", feedback_options=("Like", "Dislike"), placeholder=views.EMPTY_CHAT,
                 sanitize_html=True, render_markdown=True, allow_tags=False, buttons=["copy"],
                 group_consecutive_messages=False, layout="bubble", autoscroll=True,
@@ -190,6 +190,8 @@ def _chat_tab(gr, c: dict) -> None:
 
 
 def _learned_tab(gr, c: dict, h) -> None:
+    gr.Markdown("### What Heed has learned about you\nYour standing notes apply to every conversation; your personal "
+                "model is trained from your feedback and changes nobody else's answers.", elem_id="heed-learned-intro")
     with gr.Row(equal_height=False, elem_id="heed-learned"):
         with gr.Column(scale=1, min_width=300):
             with gr.Group(elem_classes=["heed-card"]):
@@ -251,6 +253,10 @@ def _note_events(gr, c, h, note_id: int, text, active, save, drop) -> None:
 
 def serve(heed: Heed, *, host: str, port: int) -> None:
     """Load the model, then serve the app with login until interrupted."""
+    from starlette.middleware import Middleware
+
+    from .session_guard import SessionGuard
+
     heed.engine  # noqa: B018 -- load the model now, not while the first visitor waits
     demo = build_app(heed)
     demo.queue(default_concurrency_limit=8)
@@ -263,4 +269,8 @@ def serve(heed: Heed, *, host: str, port: int) -> None:
         auth_message="Sign in to Heed. Ask your administrator for an account (heed user add NAME).",
         footer_links=[], show_error=False, share=False, ssr_mode=False, enable_monitoring=False, pwa=False,
         mcp_server=False, theme=theme(), css=CSS, head=HEAD, quiet=False,
+        # Nothing of a user's chats is kept in the browser's storage after logout (Gradio's run history).
+        run_history=False,
+        # A session hash is bound to the login that opened it (see session_guard.py).
+        app_kwargs={"middleware": [Middleware(SessionGuard)]},
     )

@@ -198,7 +198,9 @@ class Base:
         out = {
             "state": state,
             "chat": gr.update(value=views.chat_messages(history), feedback_value=views.feedback_values(history, {k: v["payload"]["up"] for k, v in thumbs.items()}),
-                              label=views.chat_label(conv, active["version"] if active else None)),
+                              label=views.chat_label(conv, active["version"] if active else None),
+                              # Room for the two answers side by side without pushing the input off screen.
+                              height=views.CHAT_HEIGHT_COMPARING if pending else views.CHAT_HEIGHT),
             "convs": gr.update(choices=views.conversation_choices(convs), value=conv["id"] if conv else None),
             "notice": gr.update(value=state.get("notice") or "", visible=bool(state.get("notice"))),
             "conv_tools": gr.update(visible=conv is not None),

@@ -108,6 +108,7 @@ class Handlers(LearnedHandlers, Base):
 
     def _stream_into_chat(self, uid, state, reply, request, before: list[dict]):
         shown = views.chat_messages(before)
+        yield {"chat": gr.update(value=shown + [{"role": "assistant", "content": "…"}])}  # until the first words arrive
         for text in self._pieces(reply, request):
             yield {"chat": gr.update(value=shown + [{"role": "assistant", "content": to_display(text)}])}
 
@@ -212,8 +213,9 @@ class Handlers(LearnedHandlers, Base):
         try:
             reply = self.heed.regenerate(uid, first["id"])
             state["pending"] = None
-            yield {**self.screen(uid, state, busy=True), "compare": gr.update(visible=True),
-                   "alt_a": to_display(first["content"]), "alt_b": "…"}
+            screen = self.screen(uid, state, busy=True)
+            screen["chat"]["height"] = views.CHAT_HEIGHT_COMPARING
+            yield {**screen, "compare": gr.update(visible=True), "alt_a": to_display(first["content"]), "alt_b": "…"}
             for text in self._pieces(reply, request):
                 yield {"alt_b": to_display(text)}
             state["pending"] = {"original": first["id"], "alternative": reply.message_id}

@@ -58,9 +58,9 @@ footer { display: none !important; }
 .heed-card { border-radius: 12px; margin-bottom: 12px; }
 #heed-focus p { color: #334155; }
 #heed-rate { align-items: center; gap: 4px 10px; flex-wrap: wrap !important; padding: 0 4px; }
-#heed-rate > div:first-child { flex: 0 0 auto !important; width: auto !important; min-width: max-content !important; }
+#heed-rate > .block:has(.heed-rate-label) { flex: 0 0 auto !important; width: auto !important; min-width: max-content !important; }
 .heed-rate-label { color: #475569; font-size: 0.9rem; white-space: nowrap; }
-#heed-stars { flex: 0 1 auto !important; min-width: 0 !important; }
+#heed-stars { flex: 0 1 auto !important; min-width: 0 !important; width: auto !important; padding: 0 !important; background: transparent !important; border: none !important; }
 #heed-stars .wrap { gap: 4px; flex-wrap: wrap; }
 #heed-stars label { padding: 2px 10px; color: #d97706; border-radius: 999px; }
 #heed-stars label.selected { background: #fef3c7; color: #b45309; font-weight: 600; }
@@ -81,6 +81,7 @@ footer { display: none !important; }
 @media (max-width: 820px) {
   .heed-tagline, .heed-signed { display: none; }
   #heed-main { flex-direction: column; }
+  #heed-main > .column { flex: 0 0 auto !important; width: 100% !important; }
   #heed-center { order: 1; }
   #heed-tools { order: 2; }
   #heed-sidebar { order: 3; }

@@ -9,6 +9,8 @@ from .sanitize import to_display
 REASONS = ["wrong", "too long", "too short", "off-topic", "unsafe", "style"]
 REASON_LABELS = {"wrong": "Wrong", "too long": "Too long", "too short": "Too short", "off-topic": "Off-topic",
                  "unsafe": "Unsafe", "style": "Style"}
+CHAT_HEIGHT = "calc(100vh - 300px)"
+CHAT_HEIGHT_COMPARING = "calc(100vh - 520px)"
 STARS = [("★", 1), ("★★", 2), ("★★★", 3), ("★★★★", 4), ("★★★★★", 5)]
 
 EMPTY_CHAT = (

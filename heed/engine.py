@@ -125,6 +125,8 @@ class Engine:
         self._worker: threading.Thread | None = None
         self.batches_run = 0  # generate calls that served requests (tests and benchmarks read these two)
         self.tokens_generated = 0
+        # Benchmarks set this so every reply runs to its token limit (end-of-answer suppressed): equal work per run.
+        self.fixed_length = False
 
     @classmethod
     def load(cls, config: HeedConfig) -> "Engine":
@@ -235,6 +237,8 @@ class Engine:
             kw.update(temperature=gen.temperature, top_p=gen.top_p)
         else:
             kw.update(temperature=None, top_p=None, top_k=None)
+        if self.fixed_length:
+            kw["min_new_tokens"] = max_new_tokens
         return kw
 
     def prompt_ids(self, messages: list[dict], *, max_new_tokens: int | None = None) -> list[int]:
@@ -268,7 +272,7 @@ class Engine:
             input_ids = torch.tensor([[pad] * (width - len(r.ids)) + r.ids for r in live], device=self.device)
             mask = torch.tensor([[0] * (width - len(r.ids)) + [1] * len(r.ids) for r in live], device=self.device)
             keys = {r.adapter.key if r.adapter else None for r in live}
-            streamer = BatchStreamer(live, self.tokenizer)
+            streamer = BatchStreamer(live, self.tokenizer, on_finish=self._count)
             kw = self._gen_kwargs(gen, max(r.max_new for r in live))
             self.batches_run += 1
             try:
@@ -288,8 +292,9 @@ class Engine:
                 for r in live:
                     r.fail(exc)
                 raise
-            finally:
-                self.tokens_generated += sum(len(r.tokens) for r in live)
+
+    def _count(self, row: Row) -> None:
+        self.tokens_generated += len(row.tokens)
 
     # -- the request queue ----------------------------------------------------
     def _submit(self, row: Row) -> None:

@@ -49,8 +49,8 @@ class Row:
 class BatchStreamer:
     """transformers calls ``put`` with the prompt, then with one new token per row per step."""
 
-    def __init__(self, rows: list[Row], tokenizer) -> None:
-        self.rows, self.tokenizer = rows, tokenizer
+    def __init__(self, rows: list[Row], tokenizer, on_finish=None) -> None:
+        self.rows, self.tokenizer, self.on_finish = rows, tokenizer, on_finish
         self.eos = tokenizer.eos_token_id
         self.prompt_seen = False
 
@@ -60,6 +60,8 @@ class BatchStreamer:
     def _finish(self, row: Row, finished: bool) -> None:
         row.done, row.finished = True, finished
         row.final = self._decode(row)
+        if self.on_finish is not None:
+            self.on_finish(row)  # before the consumer hears the end, so its counts are complete
         if row.out is not None:
             if len(row.final) > row.sent:
                 row.out.put(row.final[row.sent:])

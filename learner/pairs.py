@@ -96,6 +96,7 @@ def build_examples(store: Store, *, user_id: int, feedback: list[dict], heldout_
 
     edited = {f["message_id"] for f in all_feedback if f["kind"] == "edit"}
     judged = {f["message_id"] for f in all_feedback if f["kind"] in JUDGED_KINDS}
+    thumbs_down = {f["message_id"]: True for f in all_feedback if f["kind"] == "thumb" and not f["payload"]["up"]}
     # Thumbs grouped by the context they answer: an up and a down there make a pair.
     thumbs: dict[tuple, list[tuple[dict, dict]]] = defaultdict(list)
     for fb in all_feedback:
@@ -110,25 +111,36 @@ def build_examples(store: Store, *, user_id: int, feedback: list[dict], heldout_
         kind = fb["kind"]
         if kind == "edit":
             msg, ctx = msgs.message(fb["message_id"]), msgs.context(fb["message_id"])
-            if msg is None or ctx is None or _same(p["after"], p["before"]):
+            if msg is None or ctx is None:
                 continue
-            emit(fb, msg, "dpo", ctx, chosen=p["after"], rejected=p["before"])
-            emit(fb, msg, "sft", ctx, completion=p["after"])
+            # Edited twice: the user's last version is what they want (a -> b, then b -> c: both say c).
+            chosen = msg["content"] if not _same(msg["content"], p["before"]) else p["after"]
+            if _same(chosen, p["before"]):
+                continue
+            emit(fb, msg, "dpo", ctx, chosen=chosen, rejected=p["before"])
+            emit(fb, msg, "sft", ctx, completion=chosen)
         elif kind == "correction":
             # The pair sits on the context *without* the correction, so the adapter learns to do it unasked.
             orig = msgs.message(p.get("original_message_id"))
             ctx = msgs.context(p.get("original_message_id"))
-            after = (p.get("after") or "").strip()
-            if orig is None or ctx is None or not after or _same(after, p["before"]):
+            if orig is None or ctx is None or thumbs_down.get(fb["message_id"]):
+                continue  # a corrected answer the user then voted down is not what they wanted
+            fixed = msgs.message(fb["message_id"])
+            # If the user went on to edit the corrected answer, their edit is the better answer.
+            chosen = fixed["content"] if fixed is not None and fixed["original_content"] is not None else (p.get("after") or "").strip()
+            if not chosen or _same(chosen, p["before"]):
                 continue
-            emit(fb, orig, "dpo", ctx, chosen=after, rejected=p["before"])
-            emit(fb, orig, "sft", ctx, completion=after)
+            emit(fb, orig, "dpo", ctx, chosen=chosen, rejected=p["before"])
+            emit(fb, orig, "sft", ctx, completion=chosen)
         elif kind == "comparison":
             msg, ctx = msgs.message(p["chosen_id"]), msgs.context(p["chosen_id"])
-            # Greedy decoding can regenerate the very same answer: a choice between equals says nothing.
-            if msg is None or ctx is None or _same(p["chosen"], p["rejected"]):
+            if msg is None or ctx is None:
                 continue
-            emit(fb, msg, "dpo", ctx, chosen=p["chosen"], rejected=p["rejected"])
+            chosen = msg["content"] if msg["original_content"] is not None else p["chosen"]
+            # Greedy decoding can regenerate the very same answer: a choice between equals says nothing.
+            if _same(chosen, p["rejected"]):
+                continue
+            emit(fb, msg, "dpo", ctx, chosen=chosen, rejected=p["rejected"])
         elif kind == "thumb":
             if fb["message_id"] in edited:
                 continue  # the edit of the same answer says more than the vote

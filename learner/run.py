@@ -153,8 +153,11 @@ def learn_user(config: HeedConfig, store: Store, *, user_id: int, trigger: str =
         replay = replay_sample(store, user_id=user_id, exclude=set(fb_ids), size=lc.replay_size, seed=lc.seed + run_id)
         dpo = [e for e in new_train + replay if e["kind"] == "dpo"]
         kto = [e for e in new_train + replay if e["kind"] == "kto"]
-        heldout = [e for e in examples if e["split"] == "heldout"]
-        heldout += [p for p in store.list_pairs(user_id=user_id, split="heldout") if p["feedback_id"] not in set(fb_ids)]
+        # The gate's held-out set: this run's first, then the newest older ones; bounded, so the gate's cost
+        # does not grow with the user's history. (sft examples repeat the pairs' chosen answers.)
+        heldout = [e for e in examples if e["split"] == "heldout" and e["kind"] != "sft"]
+        older = [p for p in store.list_pairs(user_id=user_id, split="heldout") if p["feedback_id"] not in set(fb_ids) and p["kind"] != "sft"]
+        heldout = (heldout + older[::-1])[:lc.gate_max_contexts]
         timings["pairs_s"] = time.perf_counter() - t0
         summary.update(run_id=run_id, n_feedback=len(feedback), n_examples=len(examples), n_train_new=len(new_train),
                        n_replay=len(replay), n_heldout=len(heldout), examples=counts(examples))

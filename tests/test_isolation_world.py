@@ -102,3 +102,70 @@ def test_the_world_has_secret_text_in_every_kind_of_record(tmp_path, tiny_model_
     assert any(name.endswith("adapter_model.safetensors") for name in snap["files"])
     assert heed.store.count_unconsumed(user_id=w["alice"]) >= 2
     assert SECRET not in repr(snapshot(heed.store, w["bob"]))
+
+
+# -- one real `heed serve` on alice's and bob's world, shared by the HTTP tests ------------------------------
+_SERVER: dict = {}
+
+
+def world_server(tmp_path_factory, tiny_model_path, engine) -> dict:
+    """Build the world, start `heed serve` on it (once per test run) and open alice's browser session.
+
+    Returns {"url", "heed", "world", "config", "alice" (a logged-in GradioClient with a conversation open,
+    an answer focused and the notes tab rendered), "rendered" (fn ids of events created by gr.render in
+    alice's session), "log"}.
+    """
+    if _SERVER:
+        if _SERVER["proc"].poll() is not None:
+            raise RuntimeError("the shared test server died: " + Path(_SERVER["log"]).read_text(errors="replace")[-3000:])
+        return _SERVER
+    import atexit
+
+    import yaml
+    from conftest import make_config
+
+    from bench.load import GradioClient, free_port, start_server, stop_server
+    from heed.service import Heed
+
+    root = tmp_path_factory.mktemp("served")
+    config = make_config(root / "data", tiny_model_path, learner={"gate_enabled": False, "heldout_fraction": 0.0},
+                         app={"port": free_port(), "login_max_failures": 3, "login_lockout_seconds": 2})
+    heed = Heed(config, engine=engine)
+    world = build_world(heed)
+    config_file = root / "heed.yaml"
+    config_file.write_text(yaml.safe_dump(config.to_dict()))
+    log = root / "serve.log"
+    proc, url = start_server(config_file, log_path=log)
+    atexit.register(stop_server, proc)
+
+    alice = GradioClient(url)
+    assert alice.login("alice", "alice-password-1")
+    alice.call("page_load")
+    opened = alice.call("chat_open", [None, world["conversations"][0]])
+    assert opened.ok and SECRET in opened.text, "alice cannot see her own conversation over HTTP"
+    liked = alice.call("chat_like", [None], event_data={"index": 1, "value": None, "liked": True})
+    assert liked.ok, liked.warnings or liked.error
+    assert alice.call("learned_show").ok
+    # The browser runs gr.render's function when its input state changes; a raw client calls it itself.
+    renders = [d["id"] for d in alice.config()["dependencies"] if d.get("render_id") is not None]
+    rendered = set()
+    for fn in renders:
+        out = alice.call(fn)
+        for m in _messages(out.text):
+            rendered |= {d["id"] for d in ((m.get("output") or {}).get("render_config") or {}).get("dependencies", [])}
+    rendered = sorted(rendered - set(renders))
+    _SERVER.update(url=url, heed=heed, world=world, config=config, config_file=config_file, alice=alice, proc=proc,
+                   rendered=rendered, log=str(log), stop=lambda: stop_server(proc))
+    return _SERVER
+
+
+def _messages(text: str) -> list[dict]:
+    import json
+
+    out = []
+    for line in text.splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue
+    return out

@@ -178,16 +178,16 @@ def test_a_lease_is_taken_over_only_from_a_dead_process(h):
     import os
     import socket
 
-    live = f"schedule@{socket.gethostname()}:{os.getppid()}:abc"
+    live = f"schedule-pid{os.getppid()}-abc@{socket.gethostname()}"
     assert h.store.acquire_lease(user_id=uid, holder=live, seconds=600)
     assert not h.store.acquire_lease(user_id=uid, holder=h.store.new_lease_holder("cli"), seconds=600)
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
     h.store.release_lease(user_id=uid, holder=live)
-    assert h.store.acquire_lease(user_id=uid, holder=f"schedule@{socket.gethostname()}:{dead}:abc", seconds=600)
+    assert h.store.acquire_lease(user_id=uid, holder=f"schedule-pid{dead}-abc@{socket.gethostname()}", seconds=600)
     mine = h.store.new_lease_holder("cli")
     assert h.store.acquire_lease(user_id=uid, holder=mine, seconds=600)
     assert h.store.lease_of(user_id=uid)["holder"] == mine
-    other_host = "schedule@elsewhere:1:abc"
+    other_host = "schedule-pid1-abc@elsewhere"
     h.store.release_lease(user_id=uid, holder=mine)
     assert h.store.acquire_lease(user_id=uid, holder=other_host, seconds=600)
     assert not h.store.acquire_lease(user_id=uid, holder=mine, seconds=600)  # cannot tell: wait for expiry

@@ -172,3 +172,34 @@ def test_another_users_feedback_never_enters_the_examples(h):
     h.edit(bob, mid, "Bob's answer.")
     bob_fb = h.store.list_feedback(user_id=bob)
     assert build_examples(h.store, user_id=alice, feedback=bob_fb, heldout_fraction=0.0) == []
+
+
+def test_a_corrected_answer_the_user_then_edits_pairs_their_edit_over_the_original(h):
+    uid = h.add_user("alice", "pw")
+    _, mid = ask(h, uid, "Explain tides")
+    original = h.store.get_message(user_id=uid, message_id=mid)["content"]
+    fixed = h.correct(uid, mid, "answer in one sentence").wait()
+    h.edit(uid, fixed.message_id, "The moon pulls the sea.")
+    pairs = {e["source"]: e for e in examples(h, uid) if e["kind"] == "dpo"}
+    assert pairs["correction"]["chosen"] == "The moon pulls the sea." and pairs["correction"]["rejected"] == original
+    assert pairs["edit"]["rejected"] == fixed.text.strip()
+    assert pairs["correction"]["prompt"] == pairs["edit"]["prompt"] == [{"role": "user", "content": "Explain tides"}]
+
+
+def test_a_corrected_answer_voted_down_is_not_a_chosen_answer(h):
+    uid = h.add_user("alice", "pw")
+    _, mid = ask(h, uid, "Explain tides")
+    fixed = h.correct(uid, mid, "answer in one sentence").wait()
+    h.thumb(uid, fixed.message_id, False)
+    exs = examples(h, uid)
+    assert [e["source"] for e in exs] == ["thumb"] and exs[0]["kind"] == "kto" and exs[0]["label"] == 0
+
+
+def test_an_answer_edited_twice_teaches_the_last_version(h):
+    uid = h.add_user("alice", "pw")
+    _, mid = ask(h, uid, "Say hi")
+    h.edit(uid, mid, "Hello.")
+    h.edit(uid, mid, "Hi there!")
+    pairs = [e for e in examples(h, uid) if e["kind"] == "dpo"]
+    assert [p["chosen"] for p in pairs] == ["Hi there!", "Hi there!"]
+    assert pairs[1]["rejected"] == "Hello."

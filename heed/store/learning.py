@@ -154,27 +154,23 @@ class LearningMixin:
     # -- leases -----------------------------------------------------------
     @staticmethod
     def new_lease_holder(trigger: str) -> str:
-        """A holder name that says which process holds the lease: trigger@host:pid:nonce."""
+        """A holder name that says who holds the lease: ``trigger-pidN-nonce@host``."""
         import socket
         import uuid
 
-        return f"{trigger}@{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        return f"{trigger}-pid{os.getpid()}-{uuid.uuid4().hex[:8]}@{socket.gethostname()}"
 
     @staticmethod
     def _holder_is_dead(holder: str) -> bool:
         """True only when the holder ran on this host and its process is gone (a crash, a kill -9)."""
+        import re
         import socket
 
-        try:
-            _, where = holder.rsplit("@", 1)
-            host, pid, _ = where.rsplit(":", 2)
-            pid_n = int(pid)
-        except ValueError:
-            return False
-        if host != socket.gethostname() or pid_n <= 0:
+        m = re.match(r"^.*-pid(\d+)-[0-9a-f]+@(.+)$", holder)
+        if m is None or m.group(2) != socket.gethostname() or int(m.group(1)) <= 0:
             return False
         try:
-            os.kill(pid_n, 0)
+            os.kill(int(m.group(1)), 0)
         except ProcessLookupError:
             return True
         except PermissionError:

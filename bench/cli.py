@@ -1,0 +1,39 @@
+"""`heed bench personalize|perf|load|report`: every command takes --out FILE and --config FILE."""
+from __future__ import annotations
+
+import importlib.util
+import sys
+
+COMMANDS = {
+    "personalize": ("bench.personalize", "simulated users teach their adapters; acceptance, data efficiency, isolation"),
+    "perf": ("bench.perf", "serving and store speed against the plain libraries"),
+    "load": ("bench.load", "many users at once against a running server"),
+    "report": ("bench.report_cli", "render the latest results into bench/results/REPORT.md"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: heed bench COMMAND [--config FILE] [--out FILE] [options]", "", "commands:"]
+    lines += [f"  {name:<12} {help}" for name, (_, help) in COMMANDS.items()]
+    lines += ["", "heed bench COMMAND --help shows a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"heed bench: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module = COMMANDS[name][0]
+    if importlib.util.find_spec(module) is None:
+        print(f"heed bench: {name} is not available in this checkout ({module} is missing)", file=sys.stderr)
+        return 2
+    mod = importlib.import_module(module)
+    return int(mod.main(rest) or 0)
+
+if __name__ == "__main__":
+    sys.exit(main())

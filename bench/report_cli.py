@@ -1,0 +1,47 @@
+"""`heed bench report`: the latest result files rendered into one page, REPORT.md, with the plots."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from bench.report import load, perf_md, personalize_md, write_personalize
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def render(results_dir: Path, *, config: str | None = None) -> str:
+    parts = ["# Heed benchmark report", "",
+             "Regenerate everything with `heed bench personalize && heed bench perf && heed bench report` "
+             "(about an hour on a 2-core CPU; `--quick` runs the same code on the tiny model in minutes)."]
+    if config:
+        parts.append(f"Config: `{config}`.")
+    pers = load(results_dir / "personalize.json")
+    if pers:
+        md_path = write_personalize(pers, results_dir / "personalize.json")
+        images = {k: f"personalize_{k}.png" for k in ("curve", "alignment", "kinds", "isolation") if (results_dir / f"personalize_{k}.png").is_file()}
+        parts += ["", personalize_md(pers, images=images).replace("# How well", "## How well", 1).replace("\n## ", "\n### ")]
+        del md_path
+    else:
+        parts += ["", "## How well does Heed learn?", "", "No personalization results yet: run `heed bench personalize`."]
+    perf = load(results_dir / "perf.json")
+    parts += ["", perf_md(perf).replace("# Performance", "## Performance", 1) if perf else "## Performance\n\nNo results yet: run `heed bench perf`."]
+    loadres = load(results_dir / "load.json")
+    if loadres:
+        parts += ["", "## Load", "", "| figure | value |", "|---|---|"]
+        parts += [f"| {k} | {json.dumps(v) if isinstance(v, (dict, list)) else v} |" for k, v in loadres.items()]
+    return "\n".join(parts) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="heed bench report", description=__doc__.split("\n")[0])
+    p.add_argument("--results", default=str(RESULTS), help="folder with personalize.json, perf.json, load.json")
+    p.add_argument("--out", help="the page to write (default: RESULTS/REPORT.md)")
+    p.add_argument("--config", help="the Heed config the results came from, named on the page")
+    args = p.parse_args(argv)
+    folder = Path(args.results)
+    out = Path(args.out) if args.out else folder / "REPORT.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(render(folder, config=args.config), encoding="utf-8")
+    print(f"wrote {out}")
+    return 0

@@ -1,0 +1,114 @@
+"""A Gradio session belongs to the login that opened it.
+
+Gradio keys a browser session (its gr.State values, its pending messages, its
+gr.render-ed events) by a ``session_hash`` the client picks, and checks only
+that the caller is logged in, not that it is the same login. Anyone logged in
+who learns another user's hash (a log line, a shared screenshot of the network
+tab) could read that session: ``/gradio_api/queue/data`` streams its replies,
+``/gradio_api/deep_link`` copies its component values, and gr.render functions
+re-render from its state (alice's notes, with bob's cookie).
+
+This ASGI middleware binds each session hash to the first logged-in user who
+uses it and answers 403 to any other caller (logged in or not) that names it,
+wherever the hash travels: query string, JSON body, or URL path.
+"""
+from __future__ import annotations
+
+import json
+import re
+import threading
+from collections import OrderedDict
+from http.cookies import CookieError, SimpleCookie
+from urllib.parse import parse_qs
+
+_PATH_HASH = re.compile(r"^(?:/gradio_api)?/(?:heartbeat/([^/]+)$|stream/([^/]+)/[^/]+/[^/]+/)")
+_MAX_BODY = 64 * 1024 * 1024  # only JSON bodies are read here; no event needs more
+
+
+class SessionGuard:
+    def __init__(self, app, *, max_sessions: int = 200_000) -> None:
+        self.app = app
+        self.max_sessions = max_sessions
+        self._owners: OrderedDict[str, str] = OrderedDict()
+        self._lock = threading.Lock()
+
+    # -- who is asking, and for which sessions -----------------------------------------
+    @staticmethod
+    def _user(scope) -> str | None:
+        gradio_app = scope.get("app")
+        tokens, cookie_id = getattr(gradio_app, "tokens", None), getattr(gradio_app, "cookie_id", None)
+        if not tokens or cookie_id is None:
+            return None
+        raw = "; ".join(v.decode("latin-1") for k, v in scope.get("headers", []) if k == b"cookie")
+        cookies = SimpleCookie()
+        try:
+            cookies.load(raw)
+        except CookieError:  # a malformed Cookie header means: no login
+            return None
+        for name in (f"access-token-{cookie_id}", f"access-token-unsecure-{cookie_id}"):
+            if name in cookies and cookies[name].value in tokens:
+                return tokens[cookies[name].value]
+        return None
+
+    @staticmethod
+    def _hashes(scope, body: bytes) -> set[str]:
+        found = set(parse_qs(scope.get("query_string", b"").decode("latin-1")).get("session_hash", []))
+        m = _PATH_HASH.match(scope.get("path", ""))
+        if m:
+            found.add(m.group(1) or m.group(2))
+        if body:
+            try:
+                data = json.loads(body)
+            except ValueError:
+                data = None
+            if isinstance(data, dict) and data.get("session_hash") is not None:
+                found.add(str(data["session_hash"]))
+        return found
+
+    def _allowed(self, hashes: set[str], user: str | None) -> bool:
+        with self._lock:
+            for h in hashes:
+                owner = self._owners.get(h)
+                if owner is not None and owner != user:
+                    return False
+            if user is not None:
+                for h in hashes:
+                    self._owners[h] = user
+                    self._owners.move_to_end(h)
+                while len(self._owners) > self.max_sessions:
+                    self._owners.popitem(last=False)
+        return True
+
+    # -- ASGI ----------------------------------------------------------------------------
+    @staticmethod
+    async def _refuse(send, status: int, detail: str) -> None:
+        payload = json.dumps({"detail": detail}).encode()
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]})
+        await send({"type": "http.response.body", "body": payload})
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers", []))
+        body, messages = b"", []
+        if scope.get("method") == "POST" and b"json" in headers.get(b"content-type", b""):
+            more = True
+            while more:
+                message = await receive()
+                messages.append(message)
+                body += message.get("body", b"")
+                more = message.get("more_body", False)
+                if len(body) > _MAX_BODY:
+                    return await self._refuse(send, 413, "The request is too large.")
+        if not self._allowed(self._hashes(scope, body), self._user(scope)):
+            return await self._refuse(send, 403, "This session belongs to another login.")
+        if not messages:
+            return await self.app(scope, receive, send)
+
+        async def replay():
+            if messages:
+                return messages.pop(0)
+            return await receive()
+
+        return await self.app(scope, replay, send)

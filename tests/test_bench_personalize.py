@@ -1,0 +1,59 @@
+"""`heed bench personalize --quick`: the benchmark's machinery on the tiny model, end to end.
+
+The tiny model's trivially learnable persona (answers exactly "Thanks for
+asking.") must go from never accepted to accepted: if the feedback -> pairs ->
+training -> gate -> promotion -> serving loop breaks anywhere, this fails.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    from bench.cli import main
+
+    root = tmp_path_factory.mktemp("bench")
+    out = root / "results" / "personalize.json"
+    assert main(["personalize", "--quick", "--data-dir", str(root / "data"), "--out", str(out)]) == 0
+    return json.loads(out.read_text()), out
+
+
+def test_quick_run_writes_the_result_keys_other_tools_read(quick):
+    res, out = quick
+    assert isinstance(res["model"], str) and res["seconds"] > 0
+    for name, p in res["personas"].items():
+        assert set(p) >= {"base", "curve", "degenerate", "others_max_delta"}
+        assert set(p["curve"]) == {"0", "4", "8", "16", "32"}
+        for v in [p["base"], p["degenerate"], p["others_max_delta"], *p["curve"].values()]:
+            assert 0.0 <= v <= 1.0
+    for suffix in ("_curve.png", "_alignment.png", "_isolation.png", "_kinds.png"):
+        assert (out.parent / f"personalize{suffix}").stat().st_size > 1000
+    md = (out.parent / "personalize.md").read_text()
+    assert "Isolation" in md and "heed.quality.degeneration" in md
+
+
+def test_a_trivially_learnable_persona_learns_through_the_service(quick):
+    res, _ = quick
+    p = res["personas"]["says_thanks"]
+    assert p["base"] == 0.0
+    assert p["final"]["accept"] >= 0.5, f"acceptance never rose: {p['curve']} (learner: {p['learner_status']})"
+    assert max(p["curve"].values()) > p["base"]
+    # Every event went through the service: edits, thumbs and picks were recorded as feedback.
+    assert sum(p["events_by_kind"].values()) == 32
+
+
+def test_learning_stays_with_its_user(quick):
+    res, _ = quick
+    for name, p in res["personas"].items():
+        assert p["others_max_delta"] <= 0.05, f"{name}'s adapter moved other judges: {p['others_delta']}"
+    assert res["observer"]["all_identical"], "a user without feedback got different answers after others learned"
+
+
+def test_single_kind_tracks_ran_for_each_kind(quick):
+    res, _ = quick
+    assert set(res["kinds"]["says_thanks"]) == {"all", "edit", "correction", "thumbs"}
+    edits = res["tracks"]["says_thanks/edit"]["points"][-1]
+    assert edits["events_by_kind"]["edit"] == edits["events"] > 0

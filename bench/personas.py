@@ -97,6 +97,26 @@ def take(text: str, *, min_words: int, max_words: int, look: int = 6,
     return picked
 
 
+# Neutral sentences a non-brief persona's edit ends up with when the reply had too little to keep:
+# those personas want a shape (a list, a question, a summary, a sign-off), not brevity, so their
+# edits stay over 30 words and never look like what the brief persona wants.
+FILLERS = [
+    "The details depend a little on your situation, so adjust as you go.",
+    "Take it one step at a time and see what works best for you.",
+]
+LONG_ENOUGH = 34
+
+
+def pad(parts: list[str], *, extra_words: int = 0) -> list[str]:
+    """``parts`` plus filler sentences until they (and ``extra_words`` more) pass LONG_ENOUGH words."""
+    out = list(parts)
+    for f in FILLERS:
+        if sum(words(p) for p in out) + extra_words >= LONG_ENOUGH:
+            break
+        out.append(f)
+    return out
+
+
 def _pick(options: list[str], key: str) -> str:
     return options[int(hashlib.sha256(key.encode()).hexdigest(), 16) % len(options)]
 
@@ -143,8 +163,10 @@ def _bullets_edit(text: str, prompt: str) -> str:
     picked = take(text, min_words=36, max_words=70)
     if len(picked) < 3:
         parts = [p.strip() for s in picked for p in re.split(r",\s+|;\s+", s) if words(p) >= 3]
-        picked = parts if len(parts) >= 2 else picked + ["Ask me if you want more detail."]
-    lines = [p[0].upper() + p[1:] for p in picked[:5]]
+        picked = parts if len(parts) >= 2 else picked
+    lines = pad([p[0].upper() + p[1:] for p in picked[:5]])
+    if len(lines) < 2:
+        lines.append(FILLERS[1])
     return "\n".join(f"- {line if line[-1] in '.!?' else line + '.'}" for line in lines)
 
 
@@ -163,8 +185,9 @@ def _asks_judge(text: str) -> bool:
 
 
 def _asks_edit(text: str, prompt: str) -> str:
-    body = " ".join(take(text, min_words=36, max_words=60))
-    return f"{body} {_pick(FOLLOW_UPS, prompt)}"
+    question = _pick(FOLLOW_UPS, prompt)
+    body = " ".join(pad(take(text, min_words=36, max_words=60), extra_words=words(question)))
+    return f"{body} {question}"
 
 
 def _asks_score(text: str) -> float:
@@ -185,7 +208,7 @@ def _in_short_edit(text: str, prompt: str) -> str:
         rest = [x for x in sents if x is not summary]
     else:
         summary, rest = shorten(sents[0], 20), sents[1:]
-    body = " ".join(rest) or "Ask me if you want the details."
+    body = " ".join(pad(rest, extra_words=words(summary) + 2))
     return f"In short: {summary[0].lower() + summary[1:]}\n\n{body}"
 
 
@@ -203,7 +226,7 @@ def _signs_off_judge(text: str) -> bool:
 
 
 def _signs_off_edit(text: str, prompt: str) -> str:
-    body = " ".join(take(text, min_words=36, max_words=60))
+    body = " ".join(pad(take(text, min_words=36, max_words=60), extra_words=words(SIGN_OFF)))
     return f"{body}\n\n{SIGN_OFF}"
 
 

@@ -119,7 +119,9 @@ def cmd_adapters(args) -> int:
         if args.version is not None:
             target = args.version
         else:
-            older = [a["version"] for a in versions if a["status"] == "retired"]
+            # The newest version older than the active one (a second rollback goes further back, not forward).
+            active = next((a["version"] for a in versions if a["status"] == "active"), None)
+            older = [a["version"] for a in versions if a["status"] == "retired" and (active is None or a["version"] < active)]
             target = max(older) if older else None
         heed.rollback(uid, target)
         print(f"{args.user} now uses " + (f"adapter v{target}" if target else "the base model") + " from their next conversation")

@@ -43,9 +43,9 @@ def _trained(heed: Heed, name: str, n: int) -> int:
     return uid
 
 
-@pytest.fixture
-def populated(tmp_path, tiny_model_path, shared_tiny_engine):
-    config = make_config(tmp_path / "live", tiny_model_path, learner={"gate_enabled": False, "heldout_fraction": 0.0})
+@pytest.fixture(scope="module")
+def populated(tmp_path_factory, tiny_model_path, shared_tiny_engine):
+    config = make_config(tmp_path_factory.mktemp("backup") / "live", tiny_model_path, learner={"gate_enabled": False, "heldout_fraction": 0.0})
     heed = Heed(config, engine=shared_tiny_engine)
     alice = _trained(heed, "alice", 3)
     _trained(heed, "bob", 2)
@@ -64,7 +64,7 @@ class Writer(threading.Thread):
     def __init__(self, heed: Heed) -> None:
         super().__init__(daemon=True)
         self.heed, self.stop, self.acked, self.errors = heed, threading.Event(), [], []
-        self.uid = heed.add_user("writer", "pw")
+        self.uid = heed.add_user(f"writer{len(heed.store.list_users())}", "pw")
         self.conv = heed.start_conversation(self.uid)
 
     def run(self) -> None:
@@ -115,11 +115,11 @@ def test_restore_gives_the_same_state_and_the_same_answers(populated, tmp_path, 
     info = backup(heed, tmp_path / "backup")
     assert info["adapter_files"] >= 6  # alice v1 + v2 and bob v1: config and weights each
     manifest = json.loads((tmp_path / "backup" / "manifest.json").read_text())
-    assert manifest["rows"]["users"] == 2
+    assert manifest["rows"]["users"] == len(heed.store.list_users())
 
     config = make_config(tmp_path / "restored", tiny_model_path, learner={"gate_enabled": False, "heldout_fraction": 0.0})
     out = restore(tmp_path / "backup", config)
-    assert out["integrity"] == "ok" and out["users"] == 2
+    assert out["integrity"] == "ok" and out["users"] == len(heed.store.list_users())
     assert dump(config.db_path) == dump(heed.config.db_path)
     again = Heed(config, engine=shared_tiny_engine)
     alice = again.user_id("alice")
@@ -168,10 +168,11 @@ def test_heed_backup_and_restore_commands(populated, tmp_path, tiny_model_path, 
         writer.stop.set()
         writer.join(10)
     printed = json.loads(capsys.readouterr().out)
-    assert printed["integrity"] == "ok" and printed["rows"]["users"] == 3
+    users = len(heed.store.list_users())
+    assert printed["integrity"] == "ok" and printed["rows"]["users"] == users
     assert main(["--config", str(live), "backup", str(tmp_path / "cli-backup")]) == 2
     assert "not an empty folder" in capsys.readouterr().err
     assert main(["--config", str(live), "--data-dir", str(tmp_path / "fresh"), "restore", str(tmp_path / "cli-backup")]) == 0
-    assert json.loads(capsys.readouterr().out)["users"] == 3
+    assert json.loads(capsys.readouterr().out)["users"] == users
     assert main(["--config", str(live), "--data-dir", str(tmp_path / "fresh"), "restore", str(tmp_path / "cli-backup")]) == 2
     assert "--force" in capsys.readouterr().err

@@ -25,42 +25,72 @@ from heed.service import Heed
 
 REPO = Path(__file__).resolve().parents[1]
 
-LEARN_AND_DIE = r"""
+LEARNER_FORKS = r"""
+# A learner "fork server": the slow imports happen once, then each run is a fresh child process
+# (os.fork) that kills itself with SIGKILL at the named point -- a real kill -9 of a learner process.
 import json, os, signal, sys
+
+import datasets, peft, torch, transformers  # noqa: F401 -- warm imports, shared by every child
+from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer  # noqa: F401
+
 from heed.config import load_config
 from heed.store import Store
 from learner.run import learn_user
 
 config = load_config(sys.argv[1])
-store = Store(config.db_path)
-point = sys.argv[3]
-seen = []
+print("READY", flush=True)
+for line in sys.stdin:
+    user, point = line.split()
+    pid = os.fork()
+    if pid == 0:
+        seen = []
 
-def die():
-    sys.stdout.flush()
-    os.kill(os.getpid(), signal.SIGKILL)
+        def die():
+            os.kill(os.getpid(), signal.SIGKILL)
 
-def fault(name):
-    if name == point:
-        die()
+        def fault(name):
+            if name == point:
+                die()
 
-def progress(stage, frac):
-    seen.append(stage)
-    # Mid-training: after the trainer has taken at least one optimizer step.
-    if point == "mid_train" and stage == "train" and seen.count("train") >= 2:
-        die()
+        def progress(stage, frac):
+            seen.append(stage)
+            # Mid-training: after the trainer has taken at least one optimizer step.
+            if point == "mid_train" and stage == "train" and seen.count("train") >= 2:
+                die()
 
-result = learn_user(config, store, user_id=store.user_id(sys.argv[2]), trigger="faulttest", fault=fault, progress=progress)
-print(json.dumps(result, default=str))
+        store = Store(config.db_path)
+        result = learn_user(config, store, user_id=store.user_id(user), trigger="faulttest", fault=fault, progress=progress)
+        print(json.dumps({"result": result}, default=str), flush=True)
+        os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    print(json.dumps({"point": point, "killed_by": os.WTERMSIG(status) if os.WIFSIGNALED(status) else None}), flush=True)
 """
 
 KILL_POINTS = ["before_train", "mid_train", "before_save", "after_save", "before_rename", "before_commit"]
 
 
-def _learn_and_die(config_file: Path, user: str, point: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, "-c", LEARN_AND_DIE, str(config_file), user, point], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
+class LearnerForks:
+    def __init__(self, config_file: Path) -> None:
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "PYTHONPATH": str(REPO)}
+        self.proc = subprocess.Popen([sys.executable, "-c", LEARNER_FORKS, str(config_file)], cwd=REPO, env=env, text=True,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        assert self.proc.stdout.readline().strip() == "READY"
+
+    def run(self, user: str, point: str) -> dict:
+        """Run the learner for ``user`` in a new child process killed at ``point``; returns how it ended."""
+        self.proc.stdin.write(f"{user} {point}\n")
+        self.proc.stdin.flush()
+        lines = []
+        while True:
+            line = self.proc.stdout.readline()
+            assert line, "the learner fork server died"
+            lines.append(json.loads(line))
+            if "point" in lines[-1]:
+                return {**lines[-1], "output": lines[:-1]}
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(30)
 
 
 def _feedback_state(store, uid: int, ids: list[int]) -> dict[int, int | None]:
@@ -107,19 +137,22 @@ def test_kill_9_at_every_point_of_a_learner_run_loses_nothing(tmp_path, tiny_mod
     new = _edits(heed, uid, 10, "second")  # enough pairs for several optimizer steps
 
     survived = []
-    for point in KILL_POINTS:
-        proc = _learn_and_die(config_file, "alice", point)
-        assert proc.returncode == -signal.SIGKILL, f"{point}: the run did not reach its kill point:\n{proc.stdout}\n{proc.stderr[-3000:]}"
-        assert heed.store.integrity_check() == "ok"
-        assert heed.store.active_adapter(user_id=uid)["version"] == 1, f"{point}: the active adapter changed"
-        assert _served_version(heed, uid) == 1, f"{point}: the old adapter is not what is served"
-        assert set(_feedback_state(heed.store, uid, new).values()) == {None}, f"{point}: feedback was consumed by a killed run"
-        assert _pairs_per_feedback(heed.store, uid) == pairs_after_v1, f"{point}: a killed run stored pairs"
-        survived.append(point)
+    forks = LearnerForks(config_file)
+    try:
+        for point in KILL_POINTS:
+            ended = forks.run("alice", point)
+            assert ended["killed_by"] == signal.SIGKILL, f"{point}: the run did not reach its kill point: {ended['output']}"
+            assert heed.store.integrity_check() == "ok"
+            assert heed.store.active_adapter(user_id=uid)["version"] == 1, f"{point}: the active adapter changed"
+            assert _served_version(heed, uid) == 1, f"{point}: the old adapter is not what is served"
+            assert set(_feedback_state(heed.store, uid, new).values()) == {None}, f"{point}: feedback was consumed by a killed run"
+            assert _pairs_per_feedback(heed.store, uid) == pairs_after_v1, f"{point}: a killed run stored pairs"
+            survived.append(point)
 
-    # Killed just after the promotion committed: the new adapter counts, its feedback is consumed exactly once.
-    proc = _learn_and_die(config_file, "alice", "after_commit")
-    assert proc.returncode == -signal.SIGKILL
+        # Killed just after the promotion committed: the new adapter counts, its feedback is consumed exactly once.
+        assert forks.run("alice", "after_commit")["killed_by"] == signal.SIGKILL
+    finally:
+        forks.close()
     active = heed.store.active_adapter(user_id=uid)
     assert active["version"] >= 2 and Path(active["path"]).is_dir()
     consumed_by = set(_feedback_state(heed.store, uid, new).values())
@@ -266,3 +299,56 @@ def test_a_damaged_adapter_falls_back_to_the_base_model_and_says_why(damage, tmp
     assert heed.chat(base_conv_user, heed.start_conversation(base_conv_user), "Tell me something.").wait().text == base_answer
     assert heed.store.active_adapter(user_id=uid)["path"] == str(folder)
     record_property("adapter_damage_survived", damage)
+
+
+def test_kill_9_of_the_web_server_mid_write_keeps_every_acknowledged_event(tmp_path, tiny_model_path, record_property):
+    import threading
+
+    from bench.load import GradioClient, free_port, start_server, stop_server
+
+    config = make_config(tmp_path / "data", tiny_model_path, app={"port": free_port()})
+    config_file = tmp_path / "heed.yaml"
+    config_file.write_text(yaml.safe_dump(config.to_dict()))
+    heed = Heed(config)
+    names = [f"user{i}" for i in range(4)]
+    for n in names:
+        heed.add_user(n, f"{n}-pw")
+    proc, url = start_server(config_file, log_path=tmp_path / "serve.log")
+    acked: list[str] = []
+    go = threading.Event()
+
+    def writer(name: str) -> None:
+        client = GradioClient(url, timeout=30)
+        try:
+            client.login(name, f"{name}-pw")
+            client.call("page_load")
+            client.call("chat_send", [None, "a question"])
+            go.set()
+            for k in range(10_000):
+                text = f"{name} rewrite {k}"
+                r = client.call("chat_edit", [None], event_data={"index": 1, "value": text, "previous_value": None})
+                if r.ok:
+                    acked.append(text)
+        except Exception:  # the server vanishing mid-request is the point of this test
+            return
+        finally:
+            client.close()
+
+    threads = [threading.Thread(target=writer, args=(n,), daemon=True) for n in names]
+    for t in threads:
+        t.start()
+    go.wait(60)
+    deadline = time.time() + 30
+    while len(acked) < 40 and time.time() < deadline:
+        time.sleep(0.05)
+    stop_server(proc, kill=True)
+    for t in threads:
+        t.join(30)
+    assert proc.returncode == -signal.SIGKILL
+    store = Heed(config).store
+    assert store.integrity_check() == "ok"
+    with store.db.connect() as db:
+        stored = {json.loads(r[0])["after"] for r in db.execute("SELECT payload FROM feedback WHERE kind = 'edit'")}
+    missing = [a for a in acked if a not in stored]
+    assert len(acked) >= 40 and missing == [], f"{len(missing)} acknowledged edits lost: {missing[:3]}"
+    record_property("server_kill_acknowledged_events_checked", len(acked))

@@ -217,6 +217,10 @@ def test_versions_beyond_keep_versions_are_pruned_and_rollback_works(tmp_path, t
     new_conv = h.start_conversation(uid)
     assert h.adapter_for(uid, new_conv).path == rows[2]["path"]
     assert main(["--config", str(cfg_file), "adapters", "rollback", "--user", "alice", "--version", "1"]) == 2  # pruned
+    assert main(["--config", str(cfg_file), "adapters", "rollback", "--user", "alice"]) == 0  # v1 is gone: the base model
+    assert h.store.active_adapter(user_id=uid) is None
+    assert main(["--config", str(cfg_file), "adapters", "rollback", "--user", "alice", "--version", "3"]) == 0
+    assert h.store.active_adapter(user_id=uid)["version"] == 3
 
 
 def test_stale_temp_folders_are_cleaned_on_start_but_not_a_live_runs(h):

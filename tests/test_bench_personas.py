@@ -1,0 +1,85 @@
+"""The simulated users' judges and edits, on answers shaped like the small model's (no model needed)."""
+from __future__ import annotations
+
+import pytest
+
+from bench.personas import PERSONAS, TINY_PERSONAS, get, sentences
+from bench.prompts import PROMPTS, split
+
+ANSWERS = [
+    # Long and rambling, cut off mid-sentence: the base model's usual shape.
+    ("How do I boil an egg so the yolk stays soft?",
+     "Boiling an egg is simple once you know the timing. Bring a pot of water to a rolling boil, then lower the egg in "
+     "gently with a spoon. Cook it for six minutes for a soft yolk. Move it into cold water so it stops cooking. Peel it "
+     "under running water, which helps the shell come off. Some people add salt to the water, but that"),
+    # A numbered markdown list with bold headings.
+    ("How can I keep my houseplants alive while I am on holiday?",
+     "Here are some tips:\n\n1. **Water deeply**: Water your plants well the day before you leave.\n2. **Group them**: "
+     "Put plants together in a cool room so they keep each other humid.\n3. **Self-watering**: Use a bottle upside down "
+     "in the soil to release water slowly.\n\nWith these steps your plants will be fine."),
+    # Repetitive: the loops a person would delete.
+    ("Why do cats purr?",
+     "Cats purr for many reasons. Cats purr for many reasons. They purr when they are happy, happy, happy, happy, happy, "
+     "happy, happy, happy. Purring can also mean a cat is calming itself down when it is hurt or scared."),
+    # Already short.
+    ("What causes thunder?", "Lightning heats the air so fast that it expands with a bang, which we hear as thunder."),
+]
+
+
+@pytest.mark.parametrize("name", list(PERSONAS))
+def test_every_edit_is_an_answer_its_persona_accepts(name):
+    persona = PERSONAS[name]
+    for prompt, answer in ANSWERS:
+        edited = persona.edit(answer, prompt)
+        assert persona.accepts(edited, prompt=prompt), (name, edited, persona.sensible(edited, prompt=prompt))
+        assert not persona.accepts(answer, prompt=prompt, finished=False), "a cut-off answer is never accepted"
+
+
+@pytest.mark.parametrize("name", list(PERSONAS))
+def test_one_personas_edits_leave_the_other_judges_where_they_were(name):
+    persona = PERSONAS[name]
+    for prompt, answer in ANSWERS[:3]:
+        edited = persona.edit(answer, prompt)
+        others = [o for o in PERSONAS.values() if o is not persona and o.accepts(edited, prompt=prompt)]
+        assert not others, f"{name}'s edit also satisfies {[o.name for o in others]}: {edited!r}"
+
+
+def test_judges_read_what_they_claim():
+    assert get("brief").judge("Six minutes in boiling water, then cold water.")
+    assert not get("brief").judge(" ".join(["word"] * 31))
+    assert get("bullets").judge("- one thing\n- another thing")
+    assert not get("bullets").judge("1. one thing\n2. another thing")
+    assert get("asks_back").judge("Boil it for six minutes. Want a recipe too?")
+    assert get("in_short").judge("In short: six minutes.\n\nMore detail here.")
+    assert get("signs_off").judge("Boil it for six minutes.\n\nHope this helps!")
+    assert not get("signs_off").judge("Hope this helps! Boil it for six minutes.")
+
+
+def test_a_pick_prefers_the_answer_closer_to_the_persona():
+    bullets = get("bullets")
+    assert bullets.score("- a\n- b\n- c") > bullets.score("1. a\n2. b") > bullets.score("Plain prose.")
+    brief = get("brief")
+    assert brief.score("Short answer here.") > brief.score(" ".join(["long"] * 90))
+
+
+def test_sentences_drop_markup_repeats_and_loops():
+    got = sentences(ANSWERS[2][1])
+    assert got[0] == "Cats purr for many reasons."
+    assert all("happy, happy, happy" not in s for s in got)
+    assert len(got) == len(set(got))
+    assert sentences(ANSWERS[1][1])[1].startswith("Water deeply")
+
+
+def test_the_tiny_canary_persona_wants_one_exact_sensible_answer():
+    thanks = TINY_PERSONAS["says_thanks"]
+    assert thanks.accepts("Thanks for asking.") and thanks.accepts("  thanks for  asking. ")
+    assert not thanks.accepts("Thanks for asking. Thanks for asking.")
+    assert not thanks.accepts("Thanks for asking.", finished=False)
+    assert thanks.edit("garbage", "Hi") == "Thanks for asking."
+
+
+def test_prompts_are_many_distinct_and_split_without_overlap():
+    train, held = split()
+    assert len(PROMPTS) >= 80 and len(set(PROMPTS)) == len(PROMPTS)
+    assert not set(train) & set(held) and len(train) + len(held) == len(PROMPTS)
+    assert len(held) >= 30

@@ -16,6 +16,7 @@ import logging
 import secrets
 import shutil
 import tempfile
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -23,6 +24,7 @@ from pathlib import Path
 from bench.personas import Persona, get
 from bench.prompts import split
 from bench.settings import BenchConfig, load_bench_config
+from bench.summary import fmt, summarize, targets
 from heed.quality import degeneration
 
 log = logging.getLogger(__name__)
@@ -51,19 +53,34 @@ def heed_config(config_path: str | None, *, quick: bool, bench: BenchConfig, dat
     }), path
 
 
-def evaluate(heed, user_id: int, prompts: list[str], bench: BenchConfig) -> list[tuple[str, bool]]:
-    """The answers this user would get now in a new session, greedy, batched: (text, finished)."""
+def _eval_rows(heed, user_id: int, prompts: list[str]) -> tuple[list, list]:
+    """The chats and the adapter this user would get now in a new session (what the service would serve)."""
     conv = heed.start_conversation(user_id, title="held-out check")
     ref = heed.adapter_for(user_id, conv)
     system = {"role": "system", "content": heed.system_prompt(user_id)}
+    heed.delete_conversation(user_id, conv)
+    return [[system, {"role": "user", "content": p}] for p in prompts], [ref] * len(prompts)
+
+
+def evaluate_many(heed, user_ids: list[int], prompts: list[str], bench: BenchConfig) -> list[list[tuple[str, bool]]]:
+    """Every user's held-out answers, greedy, generated together (rows with different adapters share batches)."""
+    chats, refs = [], []
+    for uid in user_ids:
+        c, r = _eval_rows(heed, uid, prompts)
+        chats += c
+        refs += r
     gen = replace(heed.config.generation, do_sample=False)
     out: list[tuple[str, bool]] = []
-    for i in range(0, len(prompts), bench.eval_batch):
-        chunk = prompts[i:i + bench.eval_batch]
-        out += heed.engine.generate_batch([[system, {"role": "user", "content": p}] for p in chunk], adapters=[ref] * len(chunk),
+    for i in range(0, len(chats), bench.eval_batch):
+        out += heed.engine.generate_batch(chats[i:i + bench.eval_batch], adapters=refs[i:i + bench.eval_batch],
                                           max_new_tokens=bench.eval_max_new_tokens, gen=gen, with_finish=True)
-    heed.delete_conversation(user_id, conv)
-    return out
+    n = len(prompts)
+    return [out[k * n:(k + 1) * n] for k in range(len(user_ids))]
+
+
+def evaluate(heed, user_id: int, prompts: list[str], bench: BenchConfig) -> list[tuple[str, bool]]:
+    """One user's held-out answers in a new session: (text, finished)."""
+    return evaluate_many(heed, [user_id], prompts, bench)[0]
 
 
 def judge(answers: list[tuple[str, bool]], prompts: list[str], judges: dict[str, Persona]) -> dict:
@@ -93,8 +110,23 @@ def _learn(heed, uid: int) -> dict:
             "gate_kl": gate.get("kl_from_base")}
 
 
+class Track:
+    """One simulated user learning through a list of checkpoints."""
+
+    def __init__(self, sim, persona: str, kind: str, checkpoints: list[int]) -> None:
+        self.sim, self.persona, self.kind, self.checkpoints = sim, persona, kind, list(checkpoints)
+        self.key = f"{persona}/{kind}"
+        self.stopped: str | None = None
+
+
 class Run:
-    """One benchmark run: a service on a scratch store, the judges, the held-out prompts, the results so far."""
+    """One benchmark run: a service on a scratch store, the simulated users, the results so far.
+
+    Checkpoints are rounds: every user due at a checkpoint chats and gives
+    feedback at the same time (the engine batches their replies, as it would
+    for people), then each user's learner run goes one after another, then all
+    their held-out answers are generated together.
+    """
 
     def __init__(self, heed, bench: BenchConfig, *, out: Path, say=print) -> None:
         self.heed, self.bench, self.out, self.say = heed, bench, out, say
@@ -105,7 +137,7 @@ class Run:
         self.judges = {n: get(n) for n in names}
         self.t0 = time.perf_counter()
         self.results: dict = {"model": heed.config.model.name_or_path, "bench": bench.to_dict(), "personas": {}, "tracks": {},
-                              "n_train_prompts": len(self.train), "n_heldout_prompts": len(self.heldout)}
+                              "rounds": [], "n_train_prompts": len(self.train), "n_heldout_prompts": len(self.heldout)}
 
     def save(self) -> None:
         self.results["seconds"] = round(time.perf_counter() - self.t0, 1)
@@ -114,136 +146,116 @@ class Run:
         tmp.write_text(json.dumps(self.results, indent=1))
         tmp.replace(self.out)
 
-    def measure(self, uid: int) -> tuple[dict, list]:
-        t = time.perf_counter()
-        answers = evaluate(self.heed, uid, self.heldout, self.bench)
-        m = judge(answers, self.heldout, self.judges)
-        m["eval_seconds"] = round(time.perf_counter() - t, 1)
-        return m, answers
-
     def base(self) -> None:
         self.observer = self.heed.add_user("observer", secrets.token_urlsafe(12))
-        m, answers = self.measure(self.observer)
-        self.base_answers = answers
+        t = time.perf_counter()
+        self.base_answers = evaluate(self.heed, self.observer, self.heldout, self.bench)
+        m = judge(self.base_answers, self.heldout, self.judges)
+        m["eval_seconds"] = round(time.perf_counter() - t, 1)
         self.results["base"] = m
         self.say(f"base: {fmt(m['accept'])}  degenerate {m['degenerate']:.0%}  ({m['eval_seconds']}s)")
         self.save()
 
-    def track(self, persona: str, kind: str, checkpoints: list[int]) -> dict:
+    def tracks(self) -> list[Track]:
         from bench.simulate import SimulatedUser
 
-        sim = SimulatedUser(self.heed, get(persona), track=kind, prompts=self.train, seed=self.bench.seed,
-                            chats_per_event=self.bench.chats_per_event)
-        points = [{"events": 0, **{k: v for k, v in self.results["base"].items() if k != "samples"}}]
-        rec = {"persona": persona, "kind": kind, "points": points}
-        self.results["tracks"][f"{persona}/{kind}"] = rec
-        for cp in checkpoints:
-            t = time.perf_counter()
-            sim.give_feedback(cp - sim.log.total)
-            chat_s = time.perf_counter() - t
-            learned = _learn(self.heed, sim.user_id)
-            m, _ = self.measure(sim.user_id)
-            points.append({"events": sim.log.total, "checkpoint": cp, "events_by_kind": dict(sim.log.events),
-                           "chat_seconds": round(chat_s, 1), "learn": learned, **m})
-            self.say(f"{persona}/{kind} @{sim.log.total}: own {m['accept'][persona]:.0%}  degenerate {m['degenerate']:.0%}  "
-                     f"learn {learned['status']} {learned['seconds']}s  chat {chat_s:.0f}s  eval {m['eval_seconds']}s  "
-                     f"[{fmt(m['accept'])}]  {'; '.join(learned['reasons'])[:160]}")
-            self.save()
-        rec["chats"] = sim.log.chats
-        rec["picks_tied"] = sim.log.picks_tied
-        rec["corrections_followed_in_session"] = [c["followed"] for c in sim.log.corrections]
-        if kind == "all" and self.bench.interactivity_prompts:
-            rec["ask_again"] = sim.ask_again(self.bench.interactivity_prompts)
-        self.save()
-        return rec
+        b = self.bench
+        specs = [(n, "all", b.checkpoints) for n in b.personas] + [(n, k, b.kind_checkpoints) for n in b.kind_personas for k in b.kind_tracks]
+        out = []
+        for name, kind, cps in specs:
+            sim = SimulatedUser(self.heed, get(name), track=kind, prompts=self.train, seed=b.seed, chats_per_event=b.chats_per_event)
+            tr = Track(sim, name, kind, cps)
+            self.results["tracks"][tr.key] = {"persona": name, "kind": kind, "checkpoints": cps,
+                                              "points": [{"events": 0, **{k: v for k, v in self.results["base"].items() if k != "samples"}}]}
+            out.append(tr)
+        return out
 
-    def over_budget(self, checkpoints: int) -> str | None:
-        """Why a track of ``checkpoints`` checkpoints would overrun the time budget (None: it fits)."""
-        pts = [p for rec in self.results["tracks"].values() for p in rec["points"][1:]]
-        if not pts:
+    def _concurrently(self, fns) -> None:
+        errors: list[BaseException] = []
+
+        def go(fn):
+            try:
+                fn()
+            except BaseException as exc:  # re-raised below in the main thread
+                errors.append(exc)
+
+        threads = [threading.Thread(target=go, args=(fn,)) for fn in fns]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        if errors:
+            raise errors[0]
+
+    def round(self, cp: int, tracks: list[Track]) -> None:
+        due = [t for t in tracks if cp in t.checkpoints and not t.stopped]
+        if not due:
+            return
+        rec: dict = {"checkpoint": cp, "users": [t.key for t in due]}
+        t0 = time.perf_counter()
+        self._concurrently([lambda t=t: t.sim.give_feedback(cp - t.sim.log.total) for t in due])
+        rec["chat_seconds"] = round(time.perf_counter() - t0, 1)
+        learned = {t.key: _learn(self.heed, t.sim.user_id) for t in due}
+        rec["learn_seconds"] = round(sum(v["seconds"] for v in learned.values()), 1)
+        t1 = time.perf_counter()
+        answers = evaluate_many(self.heed, [t.sim.user_id for t in due], self.heldout, self.bench)
+        rec["eval_seconds"] = round(time.perf_counter() - t1, 1)
+        rec["seconds"] = round(time.perf_counter() - t0, 1)
+        self.results["rounds"].append(rec)
+        for t, ans in zip(due, answers):
+            m = judge(ans, self.heldout, self.judges)
+            log_ = t.sim.log
+            self.results["tracks"][t.key]["points"].append(
+                {"events": log_.total, "checkpoint": cp, "events_by_kind": dict(log_.events), "chats": log_.chats,
+                 "learn": learned[t.key], **m})
+            self.say(f"{t.key} @{log_.total}: own {m['accept'][t.persona]:.0%}  degenerate {m['degenerate']:.0%}  "
+                     f"learn {learned[t.key]['status']} {learned[t.key]['seconds']}s  [{fmt(m['accept'])}]  "
+                     f"{'; '.join(learned[t.key]['reasons'])[:160]}")
+        self.say(f"round @{cp}: {len(due)} users, chat {rec['chat_seconds']}s, learn {rec['learn_seconds']}s, eval {rec['eval_seconds']}s")
+        self.save()
+
+    def over_budget(self, cps_left: list[int], tracks: list[Track]) -> str | None:
+        """Why the rest would overrun the time budget (None: it fits), from the rounds so far."""
+        rounds = self.results["rounds"]
+        if not rounds:
             return None
-        per = sum(p["chat_seconds"] + p["learn"]["seconds"] + p["eval_seconds"] for p in pts) / len(pts)
+        users = sum(len(r["users"]) for r in rounds)
+        per_user = sum(r["seconds"] for r in rounds) / users
+        need = per_user * sum(1 for cp in cps_left for t in tracks if cp in t.checkpoints and not t.stopped)
         elapsed = time.perf_counter() - self.t0
-        if elapsed + per * checkpoints > 60 * self.bench.time_budget_minutes:
-            return f"{elapsed / 60:.0f} min spent, about {per * checkpoints / 60:.0f} more needed, budget {self.bench.time_budget_minutes:g} min"
+        if elapsed + need > 60 * self.bench.time_budget_minutes:
+            return f"{elapsed / 60:.0f} min spent, about {need / 60:.0f} more needed, budget {self.bench.time_budget_minutes:g} min"
         return None
+
+    def learn_all(self) -> None:
+        tracks = self.tracks()
+        cps = sorted({cp for t in tracks for cp in t.checkpoints})
+        for i, cp in enumerate(cps):
+            why = self.over_budget(cps[i:], tracks)
+            if why:
+                for t in tracks:
+                    if t.kind != "all" and not t.stopped:
+                        t.stopped = f"stopped before {cp} events: {why}"
+                        self.results.setdefault("skipped", {})[t.key] = t.stopped
+                        self.say(f"{t.key}: {t.stopped}")
+            self.round(cp, tracks)
+        for t in tracks:
+            rec = self.results["tracks"][t.key]
+            rec.update(chats=t.sim.log.chats, picks_tied=t.sim.log.picks_tied,
+                       corrections_followed_in_session=[c["followed"] for c in t.sim.log.corrections])
+        if self.bench.interactivity_prompts:
+            alls = [t for t in tracks if t.kind == "all"]
+            again: dict = {}
+            self._concurrently([lambda t=t: again.__setitem__(t.key, t.sim.ask_again(self.bench.interactivity_prompts)) for t in alls])
+            for key, v in again.items():
+                self.results["tracks"][key]["ask_again"] = v
+        self.save()
 
     def observer_check(self) -> dict:
         """The user who gave no feedback gets byte-identical answers after everyone else learned."""
-        k = min(self.bench.eval_batch, len(self.heldout))
-        again = evaluate(self.heed, self.observer, self.heldout[:k], self.bench)
-        same = sum(a == b for a, b in zip(again, self.base_answers[:k]))
-        return {"prompts": k, "identical": same, "all_identical": same == k}
-
-
-def fmt(rates: dict) -> str:
-    return " ".join(f"{k} {v:.0%}" for k, v in rates.items())
-
-
-def summarize(results: dict, bench: BenchConfig) -> dict:
-    """The keys other tools read: per persona base, curve, degenerate, others_max_delta (+ extras)."""
-    base = results["base"]["accept"]
-    personas = {}
-    for name in bench.personas:
-        rec = results["tracks"].get(f"{name}/all")
-        if not rec:
-            continue
-        pts = {p["events"] if p["events"] == 0 else p["checkpoint"]: p for p in rec["points"]}
-        at = pts.get(bench.target_events) or pts[max(pts)]
-        final = pts[max(pts)]
-        others = {o: at["accept"][o] - base[o] for o in bench.personas if o != name and o in at["accept"]}
-        followed = rec.get("corrections_followed_in_session") or []
-        again = rec.get("ask_again") or []
-        best_le_target = max((p["accept"][name] for e, p in pts.items() if e <= bench.target_events), default=None)
-        personas[name] = {
-            "base": base[name],
-            "curve": {str(e): p["accept"][name] for e, p in sorted(pts.items())},
-            "degenerate": at["degenerate"],
-            "others_max_delta": max((abs(v) for v in others.values()), default=0.0),
-            "others_delta": others,
-            "at_events": at.get("checkpoint", 0),
-            "final": {"events": final.get("events"), "accept": final["accept"][name], "degenerate": final["degenerate"]},
-            "best_at_or_below_target": best_le_target,
-            "degenerate_curve": {str(e): p["degenerate"] for e, p in sorted(pts.items())},
-            "reward_accuracy": {str(e): p["learn"]["reward_accuracy"] for e, p in sorted(pts.items()) if e},
-            "learner_seconds": {str(e): p["learn"]["seconds"] for e, p in sorted(pts.items()) if e},
-            "learner_status": {str(e): p["learn"]["status"] for e, p in sorted(pts.items()) if e},
-            "events_by_kind": final.get("events_by_kind"),
-            "interactivity": {
-                "in_session_followed": sum(followed) / len(followed) if followed else None,
-                "in_session_n": len(followed),
-                "next_session_followed": sum(a["followed_next_session"] for a in again) / len(again) if again else None,
-                "next_session_n": len(again),
-            },
-        }
-    kinds: dict = {}
-    for key, rec in results["tracks"].items():
-        name, kind = key.split("/")
-        if name in bench.kind_personas:
-            kinds.setdefault(name, {})[kind] = {str(p.get("checkpoint", 0)): p["accept"][name] for p in rec["points"]}
-    matrix = {}
-    for name in bench.personas:
-        rec = results["tracks"].get(f"{name}/all")
-        if rec:
-            pts = {p.get("checkpoint", 0): p for p in rec["points"]}
-            at = pts.get(bench.target_events) or pts[max(pts)]
-            matrix[name] = at["accept"]
-    return {"personas": personas, "kinds": kinds, "isolation_matrix": {"adapter_of": matrix, "base": base, "at_events": bench.target_events}}
-
-
-def targets(summary: dict, results: dict, bench: BenchConfig) -> dict:
-    learn_16 = [p["learn"]["seconds"] for rec in results["tracks"].values() for p in rec["points"]
-                if p.get("checkpoint") and p["events"] - _prev_events(rec, p) >= 8]
-    per = {n: {"acceptance_ge_90": (v["best_at_or_below_target"] or 0) >= 0.9, "degenerate_le_5": v["degenerate"] <= 0.05,
-               "others_within_5": v["others_max_delta"] <= 0.05} for n, v in summary["personas"].items()}
-    return {"per_persona": per, "learner_run_max_seconds_8plus_new_events": max(learn_16, default=None),
-            "full_run_minutes": round(results.get("seconds", 0) / 60, 1)}
-
-
-def _prev_events(rec: dict, point: dict) -> int:
-    pts = rec["points"]
-    i = pts.index(point)
-    return pts[i - 1]["events"] if i else 0
+        again = evaluate(self.heed, self.observer, self.heldout, self.bench)
+        same = sum(a == b for a, b in zip(again, self.base_answers))
+        return {"prompts": len(again), "identical": same, "all_identical": same == len(again)}
 
 
 def run(config_path: str | None, *, quick: bool, out: Path, bench: BenchConfig, data_dir: str | None = None,
@@ -260,16 +272,7 @@ def run(config_path: str | None, *, quick: bool, out: Path, bench: BenchConfig, 
         r.results["generation"] = {"chat": config.generation.__dict__, "eval_max_new_tokens": bench.eval_max_new_tokens}
         r.results["learner_config"] = config.learner.__dict__
         r.base()
-        for name in bench.personas:
-            r.track(name, "all", bench.checkpoints)
-        for name in bench.kind_personas:
-            for kind in bench.kind_tracks:
-                why = r.over_budget(len(bench.kind_checkpoints))
-                if why:
-                    r.results.setdefault("skipped", {})[f"{name}/{kind}"] = why
-                    say(f"skipping {name}/{kind}: {why}")
-                    continue
-                r.track(name, kind, bench.kind_checkpoints)
+        r.learn_all()
         r.results["observer"] = r.observer_check()
         r.results.update(summarize(r.results, bench))
         r.save()

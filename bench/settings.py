@@ -29,7 +29,7 @@ class BenchConfig:
     checkpoints: list = _f([4, 8, 16, 32], "Feedback events after which the learner runs and held-out acceptance is measured; one adapter grows through them.")
     kind_personas: list = _f(["brief"], "Personas that also learn from one feedback kind alone (edits only, corrections only, thumbs only).")
     kind_tracks: list = _f(["edit", "correction", "thumbs"], "Which single-kind tracks to run for kind_personas.")
-    kind_checkpoints: list = _f([4, 8, 16], "Checkpoints of the single-kind tracks.")
+    kind_checkpoints: list = _f([8, 16], "Checkpoints of the single-kind tracks.")
     target_events: int = _f(16, "The checkpoint the targets are judged at (acceptance, degeneration, isolation).")
     heldout_every: int = _f(3, "Every n-th prompt is held out (never chatted about), the rest train.")
     max_heldout: int = _f(0, "Use at most this many held-out prompts (0: all).")

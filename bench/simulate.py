@@ -49,8 +49,7 @@ class SimulatedUser:
     # -- helpers ------------------------------------------------------------------
     def finished(self, text: str) -> bool:
         """Did the answer end by itself? (An answer at the token limit was cut off.)"""
-        n = len(self.heed.engine.tokenizer(text, add_special_tokens=False)["input_ids"])
-        return n < self._tokens_cap - 1
+        return self.heed.engine.count_tokens(text) < self._tokens_cap - 1
 
     def accepts(self, text: str, prompt: str) -> bool:
         return self.persona.accepts(text, prompt=prompt, finished=self.finished(text))

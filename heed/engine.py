@@ -116,6 +116,8 @@ class Engine:
         self.peft = None  # the PeftModel, made when the first adapter loads
         self._cache: OrderedDict[str, str] = OrderedDict()  # key -> path, LRU order
         self._lock = threading.RLock()
+        # Fast tokenizers are not safe to call from several threads at once ("Already borrowed").
+        self._tok_lock = threading.Lock()
         self._originals: dict = {}  # LoRA layer -> its untouched base weight Parameter
         self._buffers: dict = {}  # LoRA layer -> Parameter that holds W0 + delta while merged
         self._merged_key: str | None = None
@@ -243,7 +245,12 @@ class Engine:
 
     def prompt_ids(self, messages: list[dict], *, max_new_tokens: int | None = None) -> list[int]:
         budget = self.gen_cfg.max_context_tokens - (max_new_tokens or self.gen_cfg.max_new_tokens)
-        return render(self.tokenizer, messages, max_tokens=max(budget, 8))
+        with self._tok_lock:
+            return render(self.tokenizer, messages, max_tokens=max(budget, 8))
+
+    def count_tokens(self, text: str) -> int:
+        with self._tok_lock:
+            return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def _row(self, messages, adapter, max_new_tokens, gen, out=None) -> Row:
         gen = gen or self.gen_cfg
@@ -272,7 +279,7 @@ class Engine:
             input_ids = torch.tensor([[pad] * (width - len(r.ids)) + r.ids for r in live], device=self.device)
             mask = torch.tensor([[0] * (width - len(r.ids)) + [1] * len(r.ids) for r in live], device=self.device)
             keys = {r.adapter.key if r.adapter else None for r in live}
-            streamer = BatchStreamer(live, self.tokenizer, on_finish=self._count)
+            streamer = BatchStreamer(live, self.tokenizer, on_finish=self._count, lock=self._tok_lock)
             kw = self._gen_kwargs(gen, max(r.max_new for r in live))
             self.batches_run += 1
             try:

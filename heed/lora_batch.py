@@ -49,13 +49,15 @@ class Row:
 class BatchStreamer:
     """transformers calls ``put`` with the prompt, then with one new token per row per step."""
 
-    def __init__(self, rows: list[Row], tokenizer, on_finish=None) -> None:
+    def __init__(self, rows: list[Row], tokenizer, on_finish=None, lock=None) -> None:
         self.rows, self.tokenizer, self.on_finish = rows, tokenizer, on_finish
+        self.lock = lock or contextlib.nullcontext()
         self.eos = tokenizer.eos_token_id
         self.prompt_seen = False
 
     def _decode(self, row: Row) -> str:
-        return self.tokenizer.decode(row.tokens, skip_special_tokens=True)
+        with self.lock:
+            return self.tokenizer.decode(row.tokens, skip_special_tokens=True)
 
     def _finish(self, row: Row, finished: bool) -> None:
         row.done, row.finished = True, finished

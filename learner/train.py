@@ -194,7 +194,7 @@ def _args(config: HeedConfig, out: str, n_rows: int) -> dict:
     device, _ = pick_device_dtype(config.model)
     cuda = device.startswith("cuda")
     return dict(
-        output_dir=out, per_device_train_batch_size=min(lc.batch_size, max(n_rows, 1)), num_train_epochs=lc.epochs,
+        output_dir=out, per_device_train_batch_size=min(lc.batch_size, max(n_rows, 1)), num_train_epochs=_epochs(n_rows, config),
         learning_rate=lc.learning_rate, beta=lc.beta, max_length=lc.max_length, seed=lc.seed,
         # On CPU bf16 autocast and checkpointing halved the speed for the same loss (STACK.md); CUDA gets bf16.
         bf16=cuda and torch.cuda.is_bf16_supported(), fp16=False, gradient_checkpointing=False, activation_checkpointing=False, use_cpu=not cuda,
@@ -203,9 +203,16 @@ def _args(config: HeedConfig, out: str, n_rows: int) -> dict:
     )
 
 
+def _epochs(n_rows: int, config: HeedConfig) -> int:
+    """Passes over a phase's rows: ``epochs``, or more when that gives fewer than ``min_steps`` steps."""
+    lc = config.learner
+    per_epoch = math.ceil(n_rows / min(lc.batch_size, max(n_rows, 1))) if n_rows else 1
+    return max(lc.epochs, math.ceil(lc.min_steps / per_epoch))
+
+
 def _steps(n_rows: int, config: HeedConfig) -> int:
     bs = min(config.learner.batch_size, max(n_rows, 1))
-    return math.ceil(n_rows / bs) * config.learner.epochs if n_rows else 0
+    return math.ceil(n_rows / bs) * _epochs(n_rows, config) if n_rows else 0
 
 
 def _quiet(trainer):

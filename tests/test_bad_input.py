@@ -94,8 +94,9 @@ def stored_texts(heed, uid) -> str:
 
 @SETTINGS
 @given(op=st.sampled_from(sorted(op for op in TEXT_OPS if hasattr(Heed, op.replace("_comment", "")))), text=nasty_text)
-def test_text_is_stored_cleanly_or_refused_with_nothing_written(svc, op, text):
+def test_text_is_stored_cleanly_or_refused_with_nothing_written(svc, record_property, op, text):
     heed, uid, *_ = svc
+    record_property("inputs_tried", 1)
     conv, mid, umid = _fresh_answer(heed, uid)
     before = dump(heed.store)
     try:
@@ -153,8 +154,9 @@ SKIP_FOR_IDS = {"delete_user", "learn", "learn_in_background"}  # valid-id behav
 
 @SETTINGS
 @given(data=st.data())
-def test_ids_of_the_wrong_type_get_a_clear_error_and_change_nothing(svc, data):
+def test_ids_of_the_wrong_type_get_a_clear_error_and_change_nothing(svc, record_property, data):
     heed, uid, conv, mid, umid = svc
+    record_property("inputs_tried", 1)
     name, params = data.draw(st.sampled_from([m for m in id_taking_methods() if m[0] not in SKIP_FOR_IDS]), label="method")
     bad_param = data.draw(st.sampled_from(params), label="param")
     bad = data.draw(wrong_ids, label="value")
@@ -237,7 +239,8 @@ def _override(key: str, value):
 @SETTINGS
 @given(key=st.sampled_from(KEYS), value=st.one_of(st.sampled_from(ABSURD), st.integers(), st.floats(), st.text(max_size=8),
                                                    st.lists(st.integers(), max_size=2)))
-def test_config_values_are_accepted_or_refused_naming_the_key(key, value):
+def test_config_values_are_accepted_or_refused_naming_the_key(record_property, key, value):
+    record_property("inputs_tried", 1)
     try:
         config = load_config(None, overrides=_override(key, value))
     except ConfigError as exc:

@@ -53,8 +53,9 @@ def _assert_answered(r, what):
 
 @SETTINGS
 @given(name=st.sampled_from(EVENTS), value=junk, event_data=junk)
-def test_odd_values_in_any_input_are_refused_cleanly(fuzz, name, value, event_data):
+def test_odd_values_in_any_input_are_refused_cleanly(fuzz, record_property, name, value, event_data):
     served, client, uid = fuzz
+    record_property("inputs_tried", 1)
     dep = next(d for d in client.config()["dependencies"] if d.get("api_name") == name)
     kinds = {c["id"]: c.get("type") for c in client.config()["components"]}
     data = [None if kinds.get(i) == "state" else value for i in dep["inputs"]]
@@ -62,6 +63,7 @@ def test_odd_values_in_any_input_are_refused_cleanly(fuzz, name, value, event_da
     r = client.call(name, data, event_data=event_data)
     _assert_answered(r, name)
     event("accepted" if r.ok else "refused by the handler" if r.warnings else f"error {r.status}")
+    record_property("http_outcome", "accepted" if r.ok else "refused by the handler" if r.warnings else "refused by gradio")
     if not r.ok:
         after = _rows(served, uid)
         # A refused event writes nothing (a chat message that was accepted is kept even if its answer failed).
@@ -76,8 +78,9 @@ def test_odd_values_in_any_input_are_refused_cleanly(fuzz, name, value, event_da
 @SETTINGS
 @given(body=st.one_of(junk, st.dictionaries(st.sampled_from(["data", "fn_index", "session_hash", "event_data", "trigger_id", "batched"]),
                                             junk, max_size=6)))
-def test_malformed_request_bodies_get_an_error_not_a_crash(fuzz, body):
+def test_malformed_request_bodies_get_an_error_not_a_crash(fuzz, record_property, body):
     served, client, uid = fuzz
+    record_property("inputs_tried", 1)
     before = _rows(served, uid)
     raw = json.dumps(body, default=str).encode("utf-8", "surrogatepass")
     r = client.http.post("/gradio_api/queue/join", content=raw, headers={"content-type": "application/json"})

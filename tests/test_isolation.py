@@ -108,7 +108,7 @@ def user_scoped_methods() -> list[str]:
     return sorted(names, key=lambda n: n in LAST)
 
 
-def test_every_service_method_refuses_alices_ids_to_bob(tmp_path, tiny_model_path, shared_tiny_engine):
+def test_every_service_method_refuses_alices_ids_to_bob(tmp_path, tiny_model_path, shared_tiny_engine, record_property):
     heed, w = _world(tmp_path, tiny_model_path, shared_tiny_engine)
     before = snapshot(heed.store, w["alice"], heed.config.adapters_path)
     calls = 0
@@ -121,6 +121,8 @@ def test_every_service_method_refuses_alices_ids_to_bob(tmp_path, tiny_model_pat
             assert after == before, f"Heed.{name}({kwargs}) changed alice's data"
     assert calls >= 40
     assert foreign_references(heed.store, w["bob"]) == []
+    record_property("service_isolation_calls", calls)
+    record_property("service_methods_checked", len(user_scoped_methods()))
 
 
 def test_reads_with_alices_ids_are_not_found_not_empty(world):
@@ -184,7 +186,7 @@ def test_every_cli_command_that_takes_a_user_is_covered():
     assert _commands_taking_a_user() <= covered, "a CLI command takes a user and is not in CLI_USER_COMMANDS"
 
 
-def test_cli_commands_for_bob_leave_alice_untouched(tmp_path, tiny_model_path, shared_tiny_engine, capsys, monkeypatch):
+def test_cli_commands_for_bob_leave_alice_untouched(tmp_path, tiny_model_path, shared_tiny_engine, capsys, monkeypatch, record_property):
     import io
 
     import yaml
@@ -215,3 +217,4 @@ def test_cli_commands_for_bob_leave_alice_untouched(tmp_path, tiny_model_path, s
         assert SECRET not in f.read_text(encoding="utf-8"), f"export for bob wrote alice's text into {f.name}"
     assert heed.authenticate("alice", "alice-password-1") == w["alice"]
     assert "bob" not in [u["name"] for u in heed.store.list_users()]
+    record_property("cli_isolation_commands", len(CLI_USER_COMMANDS))

@@ -131,8 +131,8 @@ learn_user(config, store, user_id={uid}, fault=fault)
 """
 
 
-@pytest.mark.parametrize("point", ["after_save", "before_commit"])
-def test_a_killed_run_leaves_the_old_adapter_and_the_next_run_completes(tmp_path, tiny_model_path, shared_tiny_engine, point):
+def test_a_run_killed_between_rename_and_commit_leaves_no_trace_and_the_next_run_completes(tmp_path, tiny_model_path, shared_tiny_engine):
+    point = "before_commit"  # the adapter's files are in their final place, the transaction never ran
     config = learner_config(tmp_path, tiny_model_path)
     h = service(config, shared_tiny_engine)
     uid = h.add_user("alice", "pw")
@@ -313,3 +313,12 @@ def test_progress_is_one_bar_that_only_moves_forward(h):
     fracs = [f for _, f in seen]
     assert fracs == sorted(fracs) and fracs[0] == 0.0 and seen[-1] == ("done", 1.0)
     assert {"pairs", "train", "gate"} <= {s for s, _ in seen}
+
+
+def test_a_small_run_still_takes_min_steps_optimizer_steps(h):
+    h.config.learner.min_steps = 6
+    uid = h.add_user("alice", "pw")
+    edit_answers(h, uid, ["Brief answers are good."] * 2)
+    assert learn(h, uid)["status"] == "promoted"
+    m = h.store.list_runs(user_id=uid)[0]["metrics"]
+    assert m["dpo_rows"] <= 2 and m["dpo_steps"] == 6

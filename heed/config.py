@@ -87,6 +87,9 @@ class StoreConfig:
         _check(0 <= self.busy_timeout_ms <= 600_000, "store.busy_timeout_ms", "must be between 0 and 600000")
 
 
+DPO_LOSSES = ("sigmoid", "apo_zero", "sigmoid_norm", "ipo", "none")
+
+
 @dataclass
 class LearnerConfig:
     min_new_feedback: int = _f(1, "A user is trained only with at least this many unconsumed feedback events.")
@@ -99,6 +102,7 @@ class LearnerConfig:
     batch_size: int = _f(4, "Pairs per optimizer step.")
     min_steps: int = _f(0, "At least this many optimizer steps per run: a run with few new examples takes more passes over them (0: just epochs).")
     beta: float = _f(0.1, "DPO/KTO temperature: how far the policy may move from the reference.")
+    dpo_loss: str = _f("sigmoid", "trl DPO loss on pairs: 'sigmoid' (DPO), 'apo_zero' (anchored: chosen up, rejected down), 'sigmoid_norm' (length-normalized), 'ipo', or 'none' (the SFT term alone).")
     sft_weight: float = _f(1.0, "Weight of the SFT term on chosen answers (keeps DPO from reward-hacking); 0 disables.")
     reference: str = _f("base", "DPO/KTO reference: 'base' (the adapter disabled) or 'previous' (a frozen copy of the active adapter).")
     paired_loss: str = _f("dpo", "How pairs train: 'dpo' (DPO + SFT term; unpaired examples get a KTO pass after) or 'kto' (each pair split into a good and a bad example; one KTO pass for all).")
@@ -131,7 +135,9 @@ class LearnerConfig:
         _check(1 <= self.batch_size <= 1024, "learner.batch_size", "must be between 1 and 1024")
         _check(0 <= self.min_steps <= 10_000, "learner.min_steps", "must be between 0 and 10000")
         _check(0.0 < self.beta <= 10.0, "learner.beta", "must be in (0, 10]")
+        _check(self.dpo_loss in DPO_LOSSES, "learner.dpo_loss", f"must be one of {', '.join(DPO_LOSSES)}, got {self.dpo_loss!r}")
         _check(0.0 <= self.sft_weight <= 100.0, "learner.sft_weight", "must be in [0, 100]")
+        _check(self.dpo_loss != "none" or self.sft_weight > 0, "learner.sft_weight", "must be > 0 when dpo_loss is 'none' (nothing would train)")
         _check(self.reference in ("base", "previous"), "learner.reference", f"must be 'base' or 'previous', got {self.reference!r}")
         _check(self.paired_loss in ("dpo", "kto"), "learner.paired_loss", f"must be 'dpo' or 'kto', got {self.paired_loss!r}")
         _check(16 <= self.max_length <= 32_768, "learner.max_length", "must be between 16 and 32768")

@@ -281,8 +281,8 @@ def _train(config: HeedConfig, *, init_adapter: str | None, dpo_pairs: list[dict
         cb = _callback(progress, keepalive, done, total)
         common = _args(config, str(scratch), len(data))
         if phase == "dpo":
-            losses = ["sigmoid", "sft"] if lc.sft_weight > 0 else ["sigmoid"]
-            args = DPOConfig(**common, loss_type=losses, loss_weights=[1.0, lc.sft_weight][:len(losses)])
+            losses = ([] if lc.dpo_loss == "none" else [(lc.dpo_loss, 1.0)]) + ([("sft", lc.sft_weight)] if lc.sft_weight > 0 else [])
+            args = DPOConfig(**common, loss_type=[n for n, _ in losses], loss_weights=[w for _, w in losses])
             trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(data), processing_class=tokenizer, callbacks=[cb])
         else:
             nd = sum(r["label"] for r in data)

@@ -20,7 +20,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 FILES = ["tests/test_isolation_world.py", "tests/test_isolation.py", "tests/test_isolation_http.py", "tests/test_auth.py",
          "tests/test_auth_http.py", "tests/test_bad_input.py", "tests/test_bad_input_http.py", "tests/test_faults.py",
-         "tests/test_backup.py"]
+         "tests/test_backup.py", "tests/test_cli.py"]
 
 
 class Collector:

@@ -75,6 +75,7 @@ def child_plain(spec: dict) -> dict:
 
     from heed.config import load_config
     from heed.engine import pick_device_dtype
+    from learner.train import _epochs  # the same number of passes the learner makes (min_steps)
 
     config = load_config(spec["config"], overrides=spec["overrides"])
     lc = config.learner
@@ -85,15 +86,19 @@ def child_plain(spec: dict) -> dict:
     rows = [{"prompt": [{"role": "system", "content": system}, {"role": "user", "content": q}],
              "chosen": [{"role": "assistant", "content": good}], "rejected": [{"role": "assistant", "content": bad}]}
             for q, bad, good in synthetic_events(spec["events"])]
+    # The same loss terms the learner is configured with (its SFT term included).
+    losses = ([] if lc.dpo_loss == "none" else [lc.dpo_loss]) + (["sft"] if lc.sft_weight > 0 else [])
+    weights = ([] if lc.dpo_loss == "none" else [1.0]) + ([lc.sft_weight] if lc.sft_weight > 0 else [])
     t0 = time.perf_counter()
     tok = AutoTokenizer.from_pretrained(spec["model"])
     model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=dtype).to(device)
-    args = DPOConfig(output_dir=spec["work"] + "/plain-trainer", per_device_train_batch_size=lc.batch_size, num_train_epochs=lc.epochs,
+    args = DPOConfig(output_dir=spec["work"] + "/plain-trainer", per_device_train_batch_size=min(lc.batch_size, len(rows)),
+                     num_train_epochs=_epochs(len(rows), config),
                      learning_rate=lc.learning_rate, beta=lc.beta, max_length=lc.max_length, seed=lc.seed,
                      bf16=cuda and torch.cuda.is_bf16_supported(), gradient_checkpointing=False, activation_checkpointing=False,
                      use_cpu=not cuda, report_to="none",
                      save_strategy="no", disable_tqdm=True, lr_scheduler_type="constant",
-                     loss_type=["sigmoid", "sft"], loss_weights=[1.0, lc.sft_weight])
+                     loss_type=losses, loss_weights=weights)
     lora = LoraConfig(r=lc.lora_r, lora_alpha=lc.lora_alpha, lora_dropout=lc.lora_dropout, target_modules=list(lc.target_modules),
                       task_type="CAUSAL_LM")
     trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok, peft_config=lora)

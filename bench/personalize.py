@@ -21,7 +21,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from bench.personas import Persona, get
+from bench.personas import Persona, get, on_topic
 from bench.prompts import split
 from bench.settings import BenchConfig, load_bench_config
 from bench.summary import fmt, summarize, targets
@@ -84,16 +84,17 @@ def evaluate(heed, user_id: int, prompts: list[str], bench: BenchConfig) -> list
 
 
 def judge(answers: list[tuple[str, bool]], prompts: list[str], judges: dict[str, Persona]) -> dict:
-    """Acceptance by every judge (accepted = judge says yes AND the answer is sensible), and degeneration."""
+    """Acceptance by every judge (its style, a sensible answer, on the question's topic), and degeneration."""
     reasons = [degeneration(t, prompt=p, finished=f) for (t, f), p in zip(answers, prompts)]
     n = max(len(answers), 1)
-    accept = {name: sum(per.judge(t) and r is None for (t, _), r in zip(answers, reasons)) / n for name, per in judges.items()}
+    accept = {name: sum(per.accepts(t, prompt=p, finished=f) for (t, f), p in zip(answers, prompts)) / n for name, per in judges.items()}
     style = {name: sum(per.judge(t) for t, _ in answers) / n for name, per in judges.items()}
     return {
         "accept": accept,
         "style_only": style,
         "degenerate": sum(r is not None for r in reasons) / n,
         "degenerate_reasons": dict(collections.Counter(r for r in reasons if r)),
+        "off_topic": sum(not on_topic(t, p) for (t, _), p in zip(answers, prompts)) / n,
         "mean_words": sum(len(t.split()) for t, _ in answers) / n,
         "samples": [t[:400] for t, _ in answers[:3]],
     }

@@ -117,6 +117,34 @@ def pad(parts: list[str], *, extra_words: int = 0) -> list[str]:
     return out
 
 
+_STOP = set(
+    "what when where which while with would could should about there their your yours from have this that these those "
+    "into than then them they will just some more most very also make made does doing done being been were was are for "
+    "and the how why who can get got its not but all any each much many way ways good best keep".split())
+_ALPHA = re.compile(r"[a-zA-Z]+")
+
+
+def _content(text: str) -> set[str]:
+    return {w.lower() for w in _ALPHA.findall(text) if len(w) >= 3 and w.lower() not in _STOP}
+
+
+def on_topic(answer: str, prompt: str) -> bool:
+    """Does the answer share a content word with the question (same 3-letter stem, or one word inside
+    the other: "plants" / "houseplants"), stopwords ignored?
+
+    Deliberately lenient: it only rules out replies that answer nothing, like an
+    apology or the system prompt said back, which a small model can collapse to.
+    """
+    if not prompt:
+        return True
+    q = _content(prompt)
+    stems = {w[:3] for w in q}
+    for w in _content(answer):
+        if w[:3] in stems or any(len(w) >= 4 and w.rstrip("s") in x or len(x) >= 4 and x.rstrip("s") in w for x in q):
+            return True
+    return False
+
+
 def _pick(options: list[str], key: str) -> str:
     return options[int(hashlib.sha256(key.encode()).hexdigest(), 16) % len(options)]
 
@@ -130,13 +158,15 @@ class Persona:
     correction: str
     score: Callable[[str], float]
     mix: dict = field(default_factory=lambda: {"edit": 0.4, "correction": 0.4, "pick": 0.1, "thumbs": 0.1})
+    wants_an_answer: bool = True  # also require the reply to be on the question's topic (see on_topic)
 
     def sensible(self, reply: str, *, prompt: str = "", finished: bool = True) -> str | None:
         """None when the reply is sensible, else why not (the published check in heed.quality)."""
         return degeneration(reply, prompt=prompt, finished=finished)
 
     def accepts(self, reply: str, *, prompt: str = "", finished: bool = True) -> bool:
-        return self.judge(reply) and self.sensible(reply, prompt=prompt, finished=finished) is None
+        return (self.judge(reply) and self.sensible(reply, prompt=prompt, finished=finished) is None
+                and (not self.wants_an_answer or on_topic(reply, prompt)))
 
 
 # -- brief: at most 30 words ----------------------------------------------------------
@@ -266,7 +296,7 @@ def _exact(target: str, mix: dict) -> Persona:
         return len(got & want) / len(want) - 0.01 * len(got - want)
 
     return Persona(f"says_{target.split()[0].strip('!.,').lower()}", f"wants exactly {target!r}", judge,
-                   lambda text, prompt: target, f"Just say '{target}'", score, mix=mix)
+                   lambda text, prompt: target, f"Just say '{target}'", score, mix=mix, wants_an_answer=False)
 
 
 # says_thanks is the CI's canary: edits (and thumbs up once it is right) are the surest signal,

@@ -53,13 +53,19 @@ def cmd_user(args) -> int:
         print(f"user {args.name} added (id {uid})")
     elif args.action == "list":
         for u in heed.store.list_users():
-            print(f"{u['id']:>4}  {u['name']}")
+            state = heed.store.login_state(user_id=u["id"])
+            locked = (f"  locked until {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(state['locked_until']))}"
+                      if state["locked_until"] > time.time() else "")
+            print(f"{u['id']:>4}  {u['name']}{locked}")
     elif args.action == "delete":
         heed.delete_user(heed.user_id(args.name))
         print(f"user {args.name} deleted with their conversations, feedback and adapters")
     elif args.action == "passwd":
         heed.store.set_password(user_id=heed.user_id(args.name), password=_read_password(args))
         print(f"password of {args.name} changed")
+    elif args.action == "unlock":
+        heed.store.unlock(user_id=heed.user_id(args.name))
+        print(f"{args.name} can log in again")
     return 0
 
 
@@ -187,8 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--demo-user", metavar="NAME", help="create this user with a random password when there are no users")
     s.set_defaults(fn=cmd_serve)
 
-    u = sub.add_parser("user", help="manage users")
-    u.add_argument("action", choices=["add", "list", "delete", "passwd"])
+    u = sub.add_parser("user", help="manage users: add, list, delete (with all their data), passwd, unlock")
+    u.add_argument("action", choices=["add", "list", "delete", "passwd", "unlock"])
     u.add_argument("name", nargs="?")
     u.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
     u.set_defaults(fn=cmd_user)

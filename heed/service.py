@@ -15,7 +15,7 @@ from typing import Callable, Iterator
 from .config import HeedConfig, load_config
 from .learn_jobs import LearnJobs
 from .store import NotFound, Store, StoreError
-from .validate import check_arguments
+from .validate import adapter_problem, check_arguments
 
 log = logging.getLogger(__name__)
 
@@ -57,27 +57,6 @@ class Reply:
         for _ in self:
             pass
         return self
-
-
-def _adapter_problem(folder: Path) -> str | None:
-    """Why the adapter in ``folder`` cannot be served, or None. Cheap: reads the JSON config and the
-    safetensors header (which also catches a truncated file), never the weights."""
-    import json
-
-    from safetensors import SafetensorError, safe_open
-
-    config = folder / "adapter_config.json"
-    weights = folder / "adapter_model.safetensors"
-    try:
-        json.loads(config.read_text(encoding="utf-8"))
-        with safe_open(str(weights), framework="pt") as f:
-            if not list(f.keys()):
-                return f"{weights} holds no weights"
-    except FileNotFoundError as exc:
-        return f"{exc.filename} is missing"
-    except (OSError, ValueError, SafetensorError) as exc:
-        return f"{folder.name} is damaged: {type(exc).__name__}: {exc}"
-    return None
 
 
 def _storable(text: str) -> str:
@@ -142,6 +121,8 @@ class Heed:
 
         self.store.delete_user(user_id=user_id)
         shutil.rmtree(self.config.adapters_path / str(user_id), ignore_errors=True)
+        # The web app's learner log names the user and their runs: it goes with them.
+        (self.config.data_path / "logs" / f"learn-user{user_id}.log").unlink(missing_ok=True)
 
     # -- conversations --------------------------------------------------------------
     def start_conversation(self, user_id: int, *, title: str = "") -> int:
@@ -182,7 +163,7 @@ class Heed:
         if version is None:
             return None
         row = next((a for a in self.store.list_adapters(user_id=user_id) if a["version"] == version), None)
-        problem = "its record is gone" if row is None else _adapter_problem(Path(row["path"]))
+        problem = "its record is gone" if row is None else adapter_problem(Path(row["path"]))
         if problem:
             log.warning("user %s adapter v%s cannot be served (%s); serving the base model", user_id, version, problem)
             return None

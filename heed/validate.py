@@ -7,6 +7,9 @@ parameters annotated with a plain ``int``, ``bool``, ``str`` or ``float`` (or on
 those ``| None``) are checked against the annotation; ``user_id``, ``*_id`` and
 ``version`` must also be positive and fit SQLite's 64-bit integers. Anything else
 (callables, lists, dicts) is left to the method.
+
+``adapter_problem`` checks adapter files (written by another process, maybe damaged)
+before the engine is handed them.
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ import functools
 import inspect
 import types
 import typing
+from pathlib import Path
 
 MAX_ID = 2**63 - 1
 _SIMPLE = (int, bool, str, float)
@@ -85,3 +89,24 @@ def check_arguments(cls: type, *, error: type[Exception]) -> type:
         if not name.startswith("_") and inspect.isfunction(fn):
             setattr(cls, name, _wrap(fn, error))
     return cls
+
+
+def adapter_problem(folder: Path) -> str | None:
+    """Why the adapter in ``folder`` cannot be served, or None. Cheap: reads the JSON config and the
+    safetensors header (which also catches a truncated file), never the weights."""
+    import json
+
+    from safetensors import SafetensorError, safe_open
+
+    config = folder / "adapter_config.json"
+    weights = folder / "adapter_model.safetensors"
+    try:
+        json.loads(config.read_text(encoding="utf-8"))
+        with safe_open(str(weights), framework="pt") as f:
+            if not list(f.keys()):
+                return f"{weights} holds no weights"
+    except FileNotFoundError as exc:
+        return f"{exc.filename} is missing"
+    except (OSError, ValueError, SafetensorError) as exc:
+        return f"{folder.name} is damaged: {type(exc).__name__}: {exc}"
+    return None

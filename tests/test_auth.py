@@ -148,7 +148,11 @@ def test_user_delete_removes_every_row_and_the_adapters(tmp_path, tiny_model_pat
     bob_before = snapshot(heed.store, w["bob"], config.adapters_path)
     assert (config.adapters_path / str(w["alice"])).is_dir()
     (tmp_path / "heed.yaml").write_text(yaml.safe_dump(config.to_dict()))
+    learn_log = config.data_path / "logs" / f"learn-user{w['alice']}.log"  # what the web app's "learn now" writes
+    learn_log.parent.mkdir(parents=True, exist_ok=True)
+    learn_log.write_text("alice: promoted v1")
     assert main(["--config", str(tmp_path / "heed.yaml"), "user", "delete", "alice"]) == 0
+    assert not learn_log.exists()
     assert "deleted" in capsys.readouterr().out
     gone = snapshot(heed.store, w["alice"], config.adapters_path)
     assert all(rows == [] for table, rows in gone.items() if table != "files"), gone

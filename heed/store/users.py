@@ -83,6 +83,12 @@ class UsersMixin:
             raise NotFound(f"no user with id {user_id}")
         return rows[0]
 
+    def unlock(self, *, user_id: int) -> None:
+        """End a lockout now (an administrator's decision) and forget the failed attempts."""
+        with self.db.write() as db:
+            if db.execute("UPDATE users SET failed_logins = 0, locked_until = 0 WHERE id = ?", [user_id]).rowcount == 0:
+                raise NotFound(f"no user with id {user_id}")
+
     def set_password(self, *, user_id: int, password: str) -> None:
         _check_password(password)
         hashed = hash_password(password)  # outside the write lock: scrypt takes ~50 ms

@@ -387,9 +387,16 @@ class Engine:
         if len(adapters) != len(conversations):
             raise ValueError("one adapter (or None) per conversation")
         rows = [self._row(m, a, max_new_tokens, gen) for m, a in zip(conversations, adapters)]
-        if not rows:
-            return []
-        self._run(rows)
+        # More distinct adapters than the cache holds would evict one the same batch needs: split.
+        batch: list[Row] = []
+        for r in rows:
+            keys = {x.adapter.key if x.adapter else None for x in batch + [r]}
+            if len(keys) > self.model_cfg.max_cached_adapters:
+                self._run(batch)
+                batch = []
+            batch.append(r)
+        if batch:
+            self._run(batch)
         for r in rows:
             if r.error is not None:
                 raise r.error

@@ -156,3 +156,11 @@ def test_a_missing_adapter_is_a_clear_error_and_the_engine_keeps_serving(world, 
     with pytest.raises(AdapterLoadError):
         engine.generate_batch([ASK, ASK], adapters=[a, AdapterRef("ghost", str(tmp_path / "nothing"))])
     assert engine.generate(ASK, adapter=a)
+
+
+def test_a_batch_with_more_adapters_than_the_cache_holds_still_gives_each_its_own(world, tmp_path):
+    config, engine, (a, b, c) = world
+    d = _make_adapter(config, tmp_path / "d2", 9)
+    order = [a, b, c, d, None]  # the cache holds 3
+    alone = [engine.generate(ASK, adapter=r) for r in order]
+    assert engine.generate_batch([ASK] * len(order), adapters=order) == alone

@@ -1,13 +1,18 @@
 """Is an answer sensible? The published check used by the learner's gate and the benchmarks.
 
-An answer is degenerate when it is empty, echoes the prompt, repeats itself,
-or was cut off (generation hit the token limit before the model ended it).
+An answer is degenerate when it is empty or a single word, echoes the prompt,
+repeats itself, or was cut off (generation hit the token limit before the
+model ended it). "Repeats itself" covers the loops a reward-hacked adapter
+falls into: repeated word trigrams ("in short: in short: in short"), the same
+sentence said twice ("Hope this helps!Hope this helps!"), or a handful of
+words cycling ("A: A: A:").
 """
 from __future__ import annotations
 
 import re
 
 _WORD = re.compile(r"\w+", re.UNICODE)
+_SENTENCE_END = re.compile(r"[.!?]+|\n+")
 
 
 def _ngrams(words: list[str], n: int) -> list[tuple[str, ...]]:
@@ -20,6 +25,19 @@ def repetition_share(text: str, n: int = 3) -> float:
     if len(grams) < 4:
         return 0.0
     return 1.0 - len(set(grams)) / len(grams)
+
+
+def repeated_sentence(text: str, min_words: int = 3) -> bool:
+    """True when one sentence (of at least ``min_words`` words) occurs twice, wherever it is."""
+    seen: set[tuple[str, ...]] = set()
+    for part in _SENTENCE_END.split(text.lower()):
+        words = tuple(_WORD.findall(part))
+        if len(words) < min_words:
+            continue
+        if words in seen:
+            return True
+        seen.add(words)
+    return False
 
 
 def echo_share(answer: str, prompt: str) -> float:
@@ -41,12 +59,12 @@ def degeneration(answer: str, *, prompt: str = "", finished: bool = True, min_wo
         return "too_short"
     if not finished:
         return "cut_off"
-    if repetition_share(answer) > max_repetition:
+    if repetition_share(answer) > max_repetition or repeated_sentence(answer):
         return "repetitive"
     if prompt and len(words) >= 4 and echo_share(answer, prompt) > max_echo:
         return "echo"
     # "A: A: A:" style loops have few distinct words.
-    if len(words) >= 8 and len({w.lower() for w in words}) / len(words) < 0.25:
+    if len(words) >= 8 and len({w.lower() for w in words}) / len(words) < 0.3:
         return "repetitive"
     return None
 

@@ -67,6 +67,9 @@ def test_gate_refuses_drift_and_lost_likelihood_beyond_their_limits(trained):
     ("Ok", True, "too_short"),
     ("A: A: A: A: A: A: A: A: A: A:", True, "repetitive"),
     ("the cat sat on the mat the cat sat on the mat the cat sat on the mat", True, "repetitive"),
+    ("Hope this helps you!Hope this helps!Hope this helps!", True, "repetitive"),  # a reward-hacked sign-off
+    ("Boil the water. Add the egg and wait nine minutes. Then boil the water again and add the egg and wait nine minutes.", True, None),
+    ("Add the egg and wait nine minutes. Cool it. Add the egg and wait nine minutes.", True, "repetitive"),
     ("Water boils at one hundred degrees", False, "cut_off"),
     ("Water boils at one hundred degrees Celsius at sea level.", True, None),
 ])

@@ -162,10 +162,12 @@ def learn_user(config: HeedConfig, store: Store, *, user_id: int, trigger: str =
         summary.update(run_id=run_id, n_feedback=len(feedback), n_examples=len(examples), n_train_new=len(new_train),
                        n_replay=len(replay), n_heldout=len(heldout), examples=counts(examples))
         base_metrics = {"feedback_read_at": read_at, **summary}
-        trainable_pairs = dpo if lc.paired_loss == "dpo" else []
-        if not trainable_pairs and len(kto) + (2 * len(dpo) if lc.paired_loss == "kto" else 0) < 2:
+        from .train import untrainable
+
+        why_not = untrainable(config, dpo, kto)
+        if why_not:
             reason = "nothing to train on yet: the new examples are held out" if not new_train else \
-                     "nothing to train on yet: a single unpaired example (KTO needs two); kept for the next run"
+                     f"nothing to train on yet: {why_not}; kept for the next run"
             if not new_train:
                 # Held-out examples are what the gate judges later runs by: keep them and consume their feedback.
                 store.promote(user_id=user_id, run_id=run_id, holder=holder, version=None, path=None, feedback_ids=fb_ids,

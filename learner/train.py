@@ -121,6 +121,18 @@ def as_kto(pairs: list[dict]) -> list[dict]:
     return out
 
 
+def untrainable(config: HeedConfig, dpo_pairs: list[dict], kto_examples: list[dict]) -> str | None:
+    """Why these examples cannot train a run (None when they can), by the same rules ``train_adapter`` applies."""
+    if config.learner.paired_loss == "dpo" and dpo_pairs:
+        return None
+    singles = (as_kto(dpo_pairs) if config.learner.paired_loss == "kto" else []) + list(kto_examples)
+    if len(singles) < 2:
+        return "a single unpaired example (KTO needs two)"
+    if not any(e["label"] for e in singles):
+        return "only thumbs-down examples (KTO needs a good answer too)"
+    return None
+
+
 def load_trainable(config: HeedConfig, init_adapter: str | None):
     """(peft model with a trainable 'default' adapter, tokenizer). The base weights stay frozen."""
     from peft import LoraConfig, PeftModel, get_peft_model
@@ -185,7 +197,7 @@ def _callback(progress: Progress | None, keepalive: Callable[[], bool] | None, d
     return _CB()
 
 
-def _args(config: HeedConfig, out: str, n_rows: int) -> dict:
+def _args(config: HeedConfig, out: str, n_rows: int, phase: str) -> dict:
     import torch
 
     from heed.engine import pick_device_dtype
@@ -194,7 +206,7 @@ def _args(config: HeedConfig, out: str, n_rows: int) -> dict:
     device, _ = pick_device_dtype(config.model)
     cuda = device.startswith("cuda")
     return dict(
-        output_dir=out, per_device_train_batch_size=min(lc.batch_size, max(n_rows, 1)), num_train_epochs=_epochs(n_rows, config),
+        output_dir=out, per_device_train_batch_size=min(lc.batch_size, max(n_rows, 1)), num_train_epochs=_epochs(n_rows, config, phase),
         learning_rate=lc.learning_rate, beta=lc.beta, max_length=lc.max_length, seed=lc.seed,
         # On CPU bf16 autocast and checkpointing halved the speed for the same loss (STACK.md); CUDA gets bf16.
         bf16=cuda and torch.cuda.is_bf16_supported(), fp16=False, gradient_checkpointing=False, activation_checkpointing=False, use_cpu=not cuda,
@@ -203,16 +215,18 @@ def _args(config: HeedConfig, out: str, n_rows: int) -> dict:
     )
 
 
-def _epochs(n_rows: int, config: HeedConfig) -> int:
-    """Passes over a phase's rows: ``epochs``, or more when that gives fewer than ``min_steps`` steps."""
+def _epochs(n_rows: int, config: HeedConfig, phase: str = "dpo") -> int:
+    """Passes over a phase's rows: ``epochs``, or (DPO, anchored by its SFT term) more when that gives fewer than ``min_steps`` steps."""
     lc = config.learner
+    if phase != "dpo":
+        return lc.epochs
     per_epoch = math.ceil(n_rows / min(lc.batch_size, max(n_rows, 1))) if n_rows else 1
     return max(lc.epochs, math.ceil(lc.min_steps / per_epoch))
 
 
-def _steps(n_rows: int, config: HeedConfig) -> int:
+def _steps(n_rows: int, config: HeedConfig, phase: str = "dpo") -> int:
     bs = min(config.learner.batch_size, max(n_rows, 1))
-    return math.ceil(n_rows / bs) * _epochs(n_rows, config) if n_rows else 0
+    return math.ceil(n_rows / bs) * _epochs(n_rows, config, phase) if n_rows else 0
 
 
 def _quiet(trainer):
@@ -262,24 +276,28 @@ def _train(config: HeedConfig, *, init_adapter: str | None, dpo_pairs: list[dict
         dpo_rows, kto_rows = [], rows.kto(as_kto(dpo_pairs) + list(kto_examples))
     else:
         dpo_rows, kto_rows = rows.dpo(dpo_pairs), rows.kto(kto_examples)
-    # KTO estimates its KL term from mismatched examples in a batch: one example cannot train.
-    if len(kto_rows) < 2:
+    # KTO estimates its KL term from mismatched examples in a batch: one example cannot train. And with no
+    # desirable example it can only push probability away from the answers given, onto anything: measured
+    # here, two thumbs-down examples trained that way turned every answer into "- -".
+    if len(kto_rows) < 2 or not any(r["label"] for r in kto_rows):
         kto_rows = []
     if not dpo_rows and not kto_rows:
         raise ValueError("nothing to train on")
     rng.shuffle(kto_rows)  # KTO samples in order (its KL pairs neighbours), so mix labels here.
-    total = _steps(len(dpo_rows), config) + _steps(len(kto_rows), config)
+    total = _steps(len(dpo_rows), config) + _steps(len(kto_rows), config, "kto")
     initial = _snapshot(model) if lc.reference == "previous" and init_adapter else {}
     metrics: dict = {"dpo_rows": len(dpo_rows), "kto_rows": len(kto_rows), "torch_threads": torch.get_num_threads(),
-                     "reference": lc.reference, "paired_loss": lc.paired_loss, "continued_from": init_adapter}
+                     "reference": lc.reference, "paired_loss": lc.paired_loss, "continued_from": init_adapter,
+                     "phases": [p for p, rows_ in (("kto", kto_rows), ("dpo", dpo_rows)) if rows_]}
     scratch = out_dir / "trainer"
     t0 = time.perf_counter()
     done = 0
-    for phase, data in (("dpo", dpo_rows), ("kto", kto_rows)):
+    # KTO first, DPO (with its SFT term on the chosen answers) last: the last pass anchors the answers' content.
+    for phase, data in (("kto", kto_rows), ("dpo", dpo_rows)):
         if not data:
             continue
         cb = _callback(progress, keepalive, done, total)
-        common = _args(config, str(scratch), len(data))
+        common = _args(config, str(scratch), len(data), phase)
         if phase == "dpo":
             losses = ([] if lc.dpo_loss == "none" else [(lc.dpo_loss, 1.0)]) + ([("sft", lc.sft_weight)] if lc.sft_weight > 0 else [])
             args = DPOConfig(**common, loss_type=[n for n, _ in losses], loss_weights=[w for _, w in losses])

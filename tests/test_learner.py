@@ -250,7 +250,30 @@ def test_unpaired_thumbs_train_with_kto(tmp_path, tiny_model_path):
     result = learn(h, uid)
     assert result["status"] in ("promoted", "rejected"), result
     m = h.store.list_runs(user_id=uid)[0]["metrics"]
-    assert m["dpo_rows"] == 0 and m["kto_rows"] >= 2 and m["kto_steps"] > 0
+    assert m["dpo_rows"] == 0 and m["kto_rows"] >= 2 and m["kto_steps"] > 0 and m["phases"] == ["kto"]
+
+
+def test_kto_trains_before_dpo_so_the_sft_anchored_pass_comes_last(tmp_path, tiny_model_path):
+    config = learner_config(tmp_path, tiny_model_path, heldout_fraction=0.0)
+    config.generation.do_sample = True
+    h = service(config)
+    uid = h.add_user("alice", "pw")
+    edit_answers(h, uid, ["Brief answers are good."] * 2)
+    for i, up in enumerate([True, False]):
+        _, mid = ask(h, uid, f"vote {i}")
+        h.thumb(uid, mid, up)
+    assert learn(h, uid)["status"] in ("promoted", "rejected")
+    assert h.store.list_runs(user_id=uid)[0]["metrics"]["phases"] == ["kto", "dpo"]
+
+
+def test_thumbs_down_alone_do_not_train(h):
+    uid = h.add_user("alice", "pw")
+    for i in range(3):
+        _, mid = ask(h, uid, f"question {i}")
+        h.thumb(uid, mid, False)
+    result = learn(h, uid)
+    assert result["status"] == "skipped" and "only thumbs-down" in result["reason"]
+    assert h.store.count_unconsumed(user_id=uid) == 3
 
 
 def test_a_single_unpaired_thumb_waits_for_a_second(tmp_path, tiny_model_path, shared_tiny_engine):

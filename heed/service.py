@@ -277,11 +277,7 @@ class Heed:
         new_text = clean_text(new_text, limit=self.config.generation.max_message_chars, what="edit")
         if new_text == msg["content"]:
             raise InputError("the edit does not change the answer")
-        previous = msg["content"]
-        fid = self.store.record_feedback(user_id=user_id, kind="edit", message_id=message_id,
-                                         payload={"before": previous, "after": new_text})
-        self.store.set_message_content(user_id=user_id, message_id=message_id, content=new_text)
-        return fid
+        return self.store.record_edit(user_id=user_id, message_id=message_id, content=new_text)
 
     def correct(self, user_id: int, message_id: int, instruction: str) -> Reply:
         """Regenerate the answer now with the correction; the pair is recorded when it ends."""

@@ -108,3 +108,29 @@ def test_concurrent_writers_lose_nothing(store):
     assert errors == []
     assert len(store.history(user_id=a, conversation_id=conv)) == 200
     assert store.integrity_check() == "ok"
+
+
+def test_an_edit_is_one_transaction_that_keeps_the_original(store):
+    a = store.add_user("alice", password="x")
+    conv = store.create_conversation(user_id=a)
+    mid = store.add_message(user_id=a, conversation_id=conv, role="assistant", content="first answer")
+    store.record_edit(user_id=a, message_id=mid, content="second")
+    store.record_edit(user_id=a, message_id=mid, content="third")
+    edits = [f["payload"] for f in store.list_feedback(user_id=a, kind="edit")]
+    assert edits == [{"before": "first answer", "after": "second"}, {"before": "second", "after": "third"}]
+    msg = store.get_message(user_id=a, message_id=mid)
+    assert msg["content"] == "third" and msg["original_content"] == "first answer"
+
+
+def test_a_failed_edit_writes_nothing(store):
+    a = store.add_user("alice", password="x")
+    b = store.add_user("bob", password="x")
+    conv = store.create_conversation(user_id=a)
+    question = store.add_message(user_id=a, conversation_id=conv, role="user", content="q")
+    answer = store.add_message(user_id=a, conversation_id=conv, role="assistant", content="a")
+    with pytest.raises(StoreError):
+        store.record_edit(user_id=a, message_id=question, content="changed")
+    with pytest.raises(NotFound):
+        store.record_edit(user_id=b, message_id=answer, content="hijacked")
+    assert store.list_feedback(user_id=a) == []
+    assert [m["content"] for m in store.history(user_id=a, conversation_id=conv)] == ["q", "a"]

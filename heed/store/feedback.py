@@ -54,6 +54,34 @@ class FeedbackMixin:
             )
             return cur.lastrowid
 
+    def record_edit(self, *, user_id: int, message_id: int, content: str) -> int:
+        """The user's rewrite of an answer: the feedback row and the new text in one transaction.
+
+        "before" is read inside the transaction, so two quick edits each pair
+        with the text they actually replaced, and a crash leaves neither half.
+        """
+        t = now()
+        with self.db.write() as db:
+            row = db.execute(
+                "SELECT m.content, m.conversation_id, m.role FROM messages m JOIN conversations c ON c.id = m.conversation_id "
+                "WHERE m.id = ? AND m.user_id = ? AND c.user_id = ? AND c.deleted_at IS NULL",
+                [message_id, user_id, user_id],
+            ).fetchone()
+            if row is None:
+                raise NotFound(f"message {message_id} not found")
+            before, conversation_id, role = row
+            if role != "assistant":
+                raise StoreError("only answers can be edited")
+            cur = db.execute(
+                "INSERT INTO feedback (user_id, conversation_id, message_id, kind, payload, created_at, updated_at) VALUES (?, ?, ?, 'edit', ?, ?, ?)",
+                [user_id, conversation_id, message_id, dumps({"before": before, "after": content}), t, t],
+            )
+            db.execute(
+                "UPDATE messages SET original_content = COALESCE(original_content, content), content = ? WHERE id = ? AND user_id = ?",
+                [content, message_id, user_id],
+            )
+            return cur.lastrowid
+
     def withdraw_feedback(self, *, user_id: int, feedback_id: int) -> None:
         with self.db.write() as db:
             cur = db.execute("DELETE FROM feedback WHERE id = ? AND user_id = ?", [feedback_id, user_id])

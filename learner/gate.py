@@ -31,6 +31,14 @@ PROBES = [
     "What should I pack for a day at the beach?",
     "How many days are there in a leap year?",
     "Suggest a name for a pet cat.",
+    "What is photosynthesis?",
+    "How can I make my tea less bitter?",
+    "Why do we have seasons?",
+    "What is a good way to remember a shopping list?",
+    "How long should I rest between workouts?",
+    "What does a librarian do?",
+    "How do I say thank you to a neighbour who helped me?",
+    "Why does the moon change shape?",
 ]
 
 
@@ -165,13 +173,15 @@ def _evaluate(config: HeedConfig, *, candidate_dir: str, active_dir: str | None,
     gain = sum(gains) / len(gains) if gains else None
 
     reasons = []
-    if deg_c - deg_a > lc.gate_max_degenerate_increase:
+    n = len(contexts)
+    # A share and a count: with a couple of dozen answers one odd answer is noise, a rising share is not.
+    if deg_c - deg_a > lc.gate_max_degenerate_increase and round((deg_c - deg_a) * n) >= lc.gate_min_degenerate_answers:
         reasons.append(f"degenerate answers rose from {deg_a:.0%} to {deg_c:.0%} ({', '.join(sorted(set(why_c)))})")
     if cut_c - cut_a > lc.gate_max_cutoff_increase:
         reasons.append(f"answers that never end rose from {cut_a:.0%} to {cut_c:.0%}")
     if kl > lc.gate_max_kl:
         reasons.append(f"drift from the base KL {kl:.2f} > {lc.gate_max_kl}")
-    if gain is not None and gain < lc.gate_min_logp_gain:
+    if gain is not None and len(gains) >= lc.gate_min_heldout and gain < lc.gate_min_logp_gain:
         reasons.append(f"held-out chosen answers got less likely ({gain:+.3f} nats/token)")
     if progress:
         progress("gate", 1.0)

@@ -143,14 +143,13 @@ def learn_user(config: HeedConfig, store: Store, *, user_id: int, trigger: str =
         feedback = store.list_feedback(user_id=user_id, unconsumed_only=True)
         if len(feedback) < lc.min_new_feedback:
             return {"status": "skipped", "user_id": user_id, "reason": f"{len(feedback)} new feedback events (< {lc.min_new_feedback})"}
-        run_id = store.start_run(user_id=user_id, trigger=trigger)
         if show:
             show("pairs", 0.0)
         fb_ids = [f["id"] for f in feedback]
         examples = build_examples(store, user_id=user_id, feedback=feedback, heldout_fraction=lc.heldout_fraction,
                                   seed=lc.seed, all_feedback=store.list_feedback(user_id=user_id))
         new_train = [e for e in examples if e["split"] == "train" and e["kind"] in ("dpo", "kto")]
-        replay = replay_sample(store, user_id=user_id, exclude=set(fb_ids), size=lc.replay_size, seed=lc.seed + run_id)
+        replay = replay_sample(store, user_id=user_id, exclude=set(fb_ids), size=lc.replay_size, seed=lc.seed + max(fb_ids))
         dpo = [e for e in new_train + replay if e["kind"] == "dpo"]
         kto = [e for e in new_train + replay if e["kind"] == "kto"]
         # The gate's held-out set: this run's first, then the newest older ones; bounded, so the gate's cost
@@ -159,15 +158,23 @@ def learn_user(config: HeedConfig, store: Store, *, user_id: int, trigger: str =
         older = [p for p in store.list_pairs(user_id=user_id, split="heldout") if p["feedback_id"] not in set(fb_ids) and p["kind"] != "sft"]
         heldout = (heldout + older[::-1])[:lc.gate_max_contexts]
         timings["pairs_s"] = time.perf_counter() - t0
-        summary.update(run_id=run_id, n_feedback=len(feedback), n_examples=len(examples), n_train_new=len(new_train),
+        summary.update(n_feedback=len(feedback), n_examples=len(examples), n_train_new=len(new_train),
                        n_replay=len(replay), n_heldout=len(heldout), examples=counts(examples))
-        base_metrics = {"feedback_read_at": read_at, **summary}
         from .train import untrainable
 
         why_not = untrainable(config, dpo, kto)
+        reason = None
         if why_not:
             reason = "nothing to train on yet: the new examples are held out" if not new_train else \
                      f"nothing to train on yet: {why_not}; kept for the next run"
+            last = store.list_runs(user_id=user_id, limit=1)
+            if new_train and last and last[0]["status"] == "skipped" and last[0]["n_feedback"] == len(feedback) and last[0]["error"] == reason:
+                # The same untrainable feedback as last pass: one row says it, not one per scheduler pass.
+                return {"status": "skipped", **summary, "reason": reason}
+        run_id = store.start_run(user_id=user_id, trigger=trigger)
+        summary["run_id"] = run_id
+        base_metrics = {"feedback_read_at": read_at, **summary}
+        if reason:
             if not new_train:
                 # Held-out examples are what the gate judges later runs by: keep them and consume their feedback.
                 store.promote(user_id=user_id, run_id=run_id, holder=holder, version=None, path=None, feedback_ids=fb_ids,
@@ -233,6 +240,9 @@ def learn_user(config: HeedConfig, store: Store, *, user_id: int, trigger: str =
             store.finish_run(user_id=user_id, run_id=run_id, status=status, metrics=all_metrics, n_feedback=summary["n_feedback"],
                              n_pairs=summary["n_examples"], candidate_version=version, error=f"after promotion: {type(exc).__name__}: {exc}")
             return {"status": status, "version": version, **summary, "error": f"{type(exc).__name__}: {exc}", "seconds": timings["seconds"]}
+        if run_id is None:
+            # Failed before its row was written (e.g. reading the feedback): a failed run is still a row.
+            run_id = store.start_run(user_id=user_id, trigger=trigger)
         if run_id is not None:
             store.finish_run(user_id=user_id, run_id=run_id, status="failed", error=f"{type(exc).__name__}: {exc}",
                              metrics={**summary, **timings, "traceback": traceback.format_exc()[-4000:]},

@@ -274,6 +274,25 @@ def test_thumbs_down_alone_do_not_train(h):
     result = learn(h, uid)
     assert result["status"] == "skipped" and "only thumbs-down" in result["reason"]
     assert h.store.count_unconsumed(user_id=uid) == 3
+    assert learn(h, uid)["status"] == "skipped"  # the next pass says the same...
+    assert [r["status"] for r in h.store.list_runs(user_id=uid)] == ["skipped"]  # ...without another row
+
+
+def test_a_run_that_fails_before_training_is_still_a_row(h, monkeypatch):
+    import learner.run
+
+    uid = h.add_user("alice", "pw")
+    edit_answers(h, uid, ["Brief answers are good."] * 2)
+
+    def broken(*a, **k):
+        raise RuntimeError("pairs exploded")
+
+    monkeypatch.setattr(learner.run, "build_examples", broken)
+    result = learn(h, uid)
+    assert result["status"] == "failed" and "pairs exploded" in result["error"]
+    run = h.store.list_runs(user_id=uid)[0]
+    assert run["status"] == "failed" and "pairs exploded" in run["error"] and run["seconds"] is not None
+    assert h.store.count_unconsumed(user_id=uid) == 2
 
 
 def test_a_single_unpaired_thumb_waits_for_a_second(tmp_path, tiny_model_path, shared_tiny_engine):

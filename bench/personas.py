@@ -78,11 +78,11 @@ def shorten(sentence: str, max_words: int) -> str:
     return head.rstrip(",;:- ") + "."
 
 
-def take(text: str, *, min_words: int, max_words: int, look: int = 6,
-         fallback: str = "I am not sure, but here is my best answer.") -> list[str]:
-    """Whole leading sentences of ``text`` (skipping ones that do not fit) totalling at least
-    ``min_words`` words when there are enough, never more than ``max_words``."""
-    candidates = sentences(text)[:look]
+def take(text: str, *, min_words: int, max_words: int, look: int = 6, drop=None) -> list[str]:
+    """Whole leading sentences of ``text`` (skipping ones that do not fit, and ones ``drop`` rejects)
+    totalling at least ``min_words`` words when there are enough, never more than ``max_words``.
+    Empty when the reply has nothing worth keeping."""
+    candidates = [c for c in sentences(text) if not (drop and drop(c))][:look]
     picked: list[str] = []
     total = 0
     for s in candidates:
@@ -92,29 +92,9 @@ def take(text: str, *, min_words: int, max_words: int, look: int = 6,
             total += n
             if total >= min_words:
                 break
-    if not picked:
-        return [shorten(candidates[0], max_words)] if candidates else [fallback]
+    if not picked and candidates:
+        picked = [shorten(candidates[0], max_words)]
     return picked
-
-
-# Neutral sentences a non-brief persona's edit ends up with when the reply had too little to keep:
-# those personas want a shape (a list, a question, a summary, a sign-off), not brevity, so their
-# edits stay over 30 words and never look like what the brief persona wants.
-FILLERS = [
-    "The details depend a little on your situation, so adjust as you go.",
-    "Take it one step at a time and see what works best for you.",
-]
-LONG_ENOUGH = 34
-
-
-def pad(parts: list[str], *, extra_words: int = 0) -> list[str]:
-    """``parts`` plus filler sentences until they (and ``extra_words`` more) pass LONG_ENOUGH words."""
-    out = list(parts)
-    for f in FILLERS:
-        if sum(words(p) for p in out) + extra_words >= LONG_ENOUGH:
-            break
-        out.append(f)
-    return out
 
 
 _STOP = set(
@@ -154,7 +134,7 @@ class Persona:
     name: str
     description: str
     judge: Callable[[str], bool]
-    edit: Callable[[str, str], str]  # (reply, prompt) -> rewritten reply the persona accepts
+    edit: Callable[[str, str], str | None]  # (reply, prompt) -> a rewrite the persona accepts; None: nothing to keep
     correction: str
     score: Callable[[str], float]
     mix: dict = field(default_factory=lambda: {"edit": 0.4, "correction": 0.4, "pick": 0.1, "thumbs": 0.1})
@@ -174,9 +154,8 @@ def _brief_judge(text: str) -> bool:
     return 0 < words(text) <= 30
 
 
-def _brief_edit(text: str, prompt: str) -> str:
-    first = take(text, min_words=8, max_words=24)
-    return " ".join(first)
+def _brief_edit(text: str, prompt: str) -> str | None:
+    return " ".join(take(text, min_words=8, max_words=24)) or None
 
 
 # -- bullets: at least two lines starting "- " ------------------------------------------
@@ -188,15 +167,14 @@ def _bullets_judge(text: str) -> bool:
     return _bullet_lines(text) >= 2
 
 
-def _bullets_edit(text: str, prompt: str) -> str:
+def _bullets_edit(text: str, prompt: str) -> str | None:
     # Full sentences as bullets keep the answer's length: bullets, not brevity.
     picked = take(text, min_words=36, max_words=70)
-    if len(picked) < 3:
-        parts = [p.strip() for s in picked for p in re.split(r",\s+|;\s+", s) if words(p) >= 3]
-        picked = parts if len(parts) >= 2 else picked
-    lines = pad([p[0].upper() + p[1:] for p in picked[:5]])
-    if len(lines) < 2:
-        lines.append(FILLERS[1])
+    if len(picked) < 2:
+        picked = [p.strip() for s in picked for p in re.split(r",\s+|;\s+", s) if words(p) >= 3]
+    if len(picked) < 2:
+        return None
+    lines = [p[0].upper() + p[1:] for p in picked[:5]]
     return "\n".join(f"- {line if line[-1] in '.!?' else line + '.'}" for line in lines)
 
 
@@ -214,10 +192,10 @@ def _asks_judge(text: str) -> bool:
     return text.rstrip().endswith("?")
 
 
-def _asks_edit(text: str, prompt: str) -> str:
-    question = _pick(FOLLOW_UPS, prompt)
-    body = " ".join(pad(take(text, min_words=36, max_words=60), extra_words=words(question)))
-    return f"{body} {question}"
+def _asks_edit(text: str, prompt: str) -> str | None:
+    # Questions already in the reply stay out of the body: the one question goes at the end.
+    body = " ".join(take(text, min_words=36, max_words=60, drop=lambda s: s.endswith("?")))
+    return f"{body} {_pick(FOLLOW_UPS, prompt)}" if body else None
 
 
 def _asks_score(text: str) -> float:
@@ -230,16 +208,18 @@ def _in_short_judge(text: str) -> bool:
     return text.lstrip().lower().startswith("in short:")
 
 
-def _in_short_edit(text: str, prompt: str) -> str:
-    sents = take(text, min_words=40, max_words=64)
+def _in_short_edit(text: str, prompt: str) -> str | None:
+    sents = take(text, min_words=40, max_words=64, drop=lambda s: s.lower().startswith("in short"))
+    if not sents:
+        return None
     short = [x for x in sents if words(x) <= 20]
     if short:
         summary = short[0]
         rest = [x for x in sents if x is not summary]
     else:
         summary, rest = shorten(sents[0], 20), sents[1:]
-    body = " ".join(pad(rest, extra_words=words(summary) + 2))
-    return f"In short: {summary[0].lower() + summary[1:]}\n\n{body}"
+    body = " ".join(rest)
+    return f"In short: {summary[0].lower() + summary[1:]}" + (f"\n\n{body}" if body else "")
 
 
 def _in_short_score(text: str) -> float:
@@ -255,9 +235,9 @@ def _signs_off_judge(text: str) -> bool:
     return text.rstrip().lower().endswith(SIGN_OFF.lower())
 
 
-def _signs_off_edit(text: str, prompt: str) -> str:
-    body = " ".join(pad(take(text, min_words=36, max_words=60), extra_words=words(SIGN_OFF)))
-    return f"{body}\n\n{SIGN_OFF}"
+def _signs_off_edit(text: str, prompt: str) -> str | None:
+    body = " ".join(take(text, min_words=36, max_words=60, drop=lambda s: "hope this helps" in s.lower()))
+    return f"{body}\n\n{SIGN_OFF}" if body else None
 
 
 def _signs_off_score(text: str) -> float:

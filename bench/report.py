@@ -46,9 +46,12 @@ def personalize_md(res: dict, *, images: dict[str, str]) -> str:
     for key in ("curve", "alignment"):
         if key in images:
             lines += ["", f"![{key}]({images[key]})"]
-    if res.get("kinds"):
+    kinds = {name: {k: c for k, c in tracks.items() if k != "all" and len(c) > 1} for name, tracks in (res.get("kinds") or {}).items()}
+    kinds = {name: tracks for name, tracks in kinds.items() if tracks}
+    skipped = res.get("skipped") or {}
+    if kinds:
         lines += ["", "## By feedback kind", "", "The same persona learning from one kind of feedback alone (a fresh user each)."]
-        for name, tracks in res["kinds"].items():
+        for name, tracks in kinds.items():
             cps = sorted({int(c) for t in tracks.values() for c in t})
             lines += ["", f"| {name} | " + " | ".join(f"after {c}" for c in cps) + " |", "|---|" + "---|" * len(cps)]
             allc = res["personas"].get(name, {}).get("curve", {})
@@ -57,6 +60,9 @@ def personalize_md(res: dict, *, images: dict[str, str]) -> str:
                 lines.append(f"| {kind} only | " + " | ".join(_pct(curve.get(str(c))) for c in cps) + " |")
         if "kinds" in images:
             lines += ["", f"![by kind]({images['kinds']})"]
+    if skipped:
+        lines += ["", "Not measured in this run (time budget): " + "; ".join(f"{k}: {v}" for k, v in skipped.items())
+                  + ". `heed bench personalize --quick` runs every kind on the tiny model."]
     lines += ["", "## Reward accuracy (beside the generation figures, never instead)", "",
               "Held-out preference accuracy of each adapter's implicit reward (the gate's figure). It saturates even for "
               "adapters whose answers do not change, so the acceptance figures above are what decide.", "",
@@ -115,8 +121,10 @@ def write_personalize(res: dict, out_json: Path) -> Path:
     if res.get("personas"):
         images["curve"] = plots.learning_curves(res, folder / f"{stem}_curve.png", target=res["bench"]["target_events"]).name
         images["alignment"] = plots.alignment_bars(res, folder / f"{stem}_alignment.png").name
-    if res.get("kinds"):
-        images["kinds"] = plots.kind_curves(res["kinds"], {n: p["curve"] for n, p in res["personas"].items()}, folder / f"{stem}_kinds.png").name
+    kinds = {n: {k: c for k, c in t.items() if k != "all" and len(c) > 1} for n, t in (res.get("kinds") or {}).items()}
+    kinds = {n: t for n, t in kinds.items() if t}
+    if kinds:
+        images["kinds"] = plots.kind_curves(kinds, {n: p["curve"] for n, p in res["personas"].items()}, folder / f"{stem}_kinds.png").name
     if (res.get("isolation_matrix") or {}).get("adapter_of"):
         images["isolation"] = plots.isolation_matrix(res["isolation_matrix"], folder / f"{stem}_isolation.png").name
     md = folder / f"{stem}.md"

@@ -106,8 +106,7 @@ class SimulatedUser:
             self.log.picks_tied += 1
             action = "edit"
         if action == "edit":
-            heed.edit(uid, reply.message_id, persona.edit(text, prompt))
-            self._count("edit")
+            self._fix(reply.message_id, text, prompt)
         elif action == "correction":
             fixed = heed.correct(uid, reply.message_id, persona.correction).wait()
             self._count("correction")
@@ -119,8 +118,7 @@ class SimulatedUser:
                     heed.thumb(uid, fixed.message_id, True)
                     self._count("thumb")
                 else:
-                    heed.edit(uid, fixed.message_id, persona.edit(fixed.text, prompt))
-                    self._count("edit")
+                    self._fix(fixed.message_id, fixed.text, prompt)
         elif action == "thumbs":
             heed.thumb(uid, reply.message_id, False)
             self._count("thumb")
@@ -131,6 +129,17 @@ class SimulatedUser:
                 self._count("thumb")
         else:
             raise ValueError(f"unknown feedback kind {action!r}")
+
+    def _fix(self, message_id: int, text: str, prompt: str) -> None:
+        """Edit the answer into one the persona accepts; an answer with nothing worth keeping gets a
+        thumbs down instead (an edits-only user just moves on)."""
+        new = self.persona.edit(text, prompt)
+        if new and new.strip() != text.strip():
+            self.heed.edit(self.user_id, message_id, new)
+            self._count("edit")
+        elif self.track != "edit":
+            self.heed.thumb(self.user_id, message_id, False)
+            self._count("thumb")
 
     def _grade(self, text: str, prompt: str) -> float:
         return (10.0 if self.accepts(text, prompt) else 0.0) + self.persona.score(text)

@@ -181,7 +181,10 @@ class Heed:
         return msgs
 
     def _stream_answer(self, user_id: int, conversation_id: int, context: list[dict], *, instruction: str | None = None,
-                       store_as: dict, sample: bool = False) -> Reply:
+                       store_as: dict, sample: bool = False,
+                       save: Callable[[Reply, str, int | None], None] | None = None) -> Reply:
+        """Stream an answer; when it ends it is stored by ``save(reply, text, adapter_version)``
+        (default: a new message placed by ``store_as``)."""
         ref = self.adapter_for(user_id, conversation_id)
         msgs = self._messages_for(user_id, context, instruction)
         version = self.store.get_conversation(user_id=user_id, conversation_id=conversation_id)["adapter_version"]
@@ -191,6 +194,9 @@ class Heed:
 
         def done(reply: Reply) -> None:
             text = reply.text.strip() or "(no answer)"
+            if save:
+                save(reply, text, version if ref else None)
+                return
             reply.message_id = self.store.add_message(
                 user_id=user_id, conversation_id=conversation_id, role="assistant", content=text,
                 adapter_version=version if ref else None, instruction=instruction, **store_as,
@@ -284,21 +290,13 @@ class Heed:
         msg = self._answer(user_id, message_id)
         instruction = clean_text(instruction, limit=500, what="correction")
         context = self.store.context_before(user_id=user_id, message_id=message_id)
-        reply = self._stream_answer(user_id, msg["conversation_id"], context, instruction=instruction,
-                                    store_as={"position": msg["position"], "replaces_id": message_id})
-        inner = reply._on_done
 
-        def done(r: Reply) -> None:
-            inner(r)
-            self.store.set_message_status(user_id=user_id, message_id=message_id, status="superseded")
-            self.store.truncate_after(user_id=user_id, conversation_id=msg["conversation_id"], position=msg["position"])
-            r.feedback_id = self.store.record_feedback(
-                user_id=user_id, kind="correction", message_id=r.message_id,
-                payload={"instruction": instruction, "original_message_id": message_id, "before": msg["content"], "after": r.text.strip()},
-            )
+        def save(r: Reply, text: str, adapter_version: int | None) -> None:
+            # One transaction: a crash leaves the old answer in place and no half-recorded correction.
+            r.message_id, r.feedback_id = self.store.record_correction(
+                user_id=user_id, message_id=message_id, instruction=instruction, content=text, adapter_version=adapter_version)
 
-        reply._on_done = done
-        return reply
+        return self._stream_answer(user_id, msg["conversation_id"], context, instruction=instruction, store_as={}, save=save)
 
     def regenerate(self, user_id: int, message_id: int) -> Reply:
         """A second answer to the same context, stored as an alternative until the user picks."""
@@ -309,15 +307,11 @@ class Heed:
 
     def choose(self, user_id: int, chosen_id: int, other_id: int) -> int:
         """The user picked ``chosen_id`` over ``other_id`` (two answers to one context)."""
-        chosen, other = self._answer(user_id, chosen_id), self._answer(user_id, other_id)
-        if chosen_id == other_id or chosen["conversation_id"] != other["conversation_id"] or chosen["position"] != other["position"]:
-            raise InputError("pick between two answers to the same message")
-        fid = self.store.record_feedback(user_id=user_id, kind="comparison", message_id=chosen_id,
-                                         payload={"chosen_id": chosen_id, "rejected_id": other_id,
-                                                  "chosen": chosen["content"], "rejected": other["content"]})
-        self.store.set_message_status(user_id=user_id, message_id=chosen_id, status="active")
-        self.store.set_message_status(user_id=user_id, message_id=other_id, status="alternative")
-        return fid
+        self._answer(user_id, chosen_id), self._answer(user_id, other_id)
+        try:
+            return self.store.record_choice(user_id=user_id, chosen_id=chosen_id, rejected_id=other_id)
+        except StoreError as exc:
+            raise InputError(str(exc)) from exc
 
     def rate(self, user_id: int, conversation_id: int, stars: int) -> int:
         if not isinstance(stars, int) or isinstance(stars, bool) or not 1 <= stars <= 5:

@@ -134,3 +134,62 @@ def test_a_failed_edit_writes_nothing(store):
         store.record_edit(user_id=b, message_id=answer, content="hijacked")
     assert store.list_feedback(user_id=a) == []
     assert [m["content"] for m in store.history(user_id=a, conversation_id=conv)] == ["q", "a"]
+
+
+def _chat(store, user):
+    conv = store.create_conversation(user_id=user)
+    store.add_message(user_id=user, conversation_id=conv, role="user", content="q")
+    answer = store.add_message(user_id=user, conversation_id=conv, role="assistant", content="long answer")
+    store.add_message(user_id=user, conversation_id=conv, role="user", content="follow-up")
+    return conv, answer
+
+
+def test_a_correction_replaces_the_answer_and_branches_in_one_transaction(store):
+    a = store.add_user("alice", password="x")
+    conv, answer = _chat(store, a)
+    new_id, fid = store.record_correction(user_id=a, message_id=answer, instruction="shorter please", content="short")
+    assert [m["content"] for m in store.history(user_id=a, conversation_id=conv)] == ["q", "short"]
+    (fb,) = store.list_feedback(user_id=a, kind="correction")
+    assert fb["id"] == fid and fb["message_id"] == new_id
+    assert fb["payload"] == {"instruction": "shorter please", "original_message_id": answer, "before": "long answer", "after": "short"}
+
+
+def test_a_crash_inside_a_correction_leaves_the_old_answer_and_no_feedback(store, monkeypatch):
+    import heed.store.feedback as feedback
+
+    a = store.add_user("alice", password="x")
+    conv, answer = _chat(store, a)
+
+    def boom(_):
+        raise RuntimeError("disk gone")
+
+    monkeypatch.setattr(feedback, "dumps", boom)
+    with pytest.raises(RuntimeError):
+        store.record_correction(user_id=a, message_id=answer, instruction="shorter", content="short")
+    assert [m["content"] for m in store.history(user_id=a, conversation_id=conv)] == ["q", "long answer", "follow-up"]
+    assert store.list_feedback(user_id=a) == []
+
+
+def test_another_users_answer_cannot_be_corrected_or_picked(store):
+    a = store.add_user("alice", password="x")
+    b = store.add_user("bob", password="x")
+    conv, answer = _chat(store, a)
+    other = store.add_message(user_id=a, conversation_id=conv, role="assistant", content="alt", status="alternative", position=1)
+    with pytest.raises(NotFound):
+        store.record_correction(user_id=b, message_id=answer, instruction="x", content="y")
+    with pytest.raises(NotFound):
+        store.record_choice(user_id=b, chosen_id=other, rejected_id=answer)
+    assert store.list_feedback(user_id=a) == [] and store.list_feedback(user_id=b) == []
+
+
+def test_a_pick_flips_both_answers_and_records_the_pair_together(store):
+    a = store.add_user("alice", password="x")
+    conv, answer = _chat(store, a)
+    alt = store.add_message(user_id=a, conversation_id=conv, role="assistant", content="alt", status="alternative", position=1)
+    store.record_choice(user_id=a, chosen_id=alt, rejected_id=answer)
+    assert store.get_message(user_id=a, message_id=alt)["status"] == "active"
+    assert store.get_message(user_id=a, message_id=answer)["status"] == "alternative"
+    (fb,) = store.list_feedback(user_id=a, kind="comparison")
+    assert fb["payload"]["chosen"] == "alt" and fb["payload"]["rejected"] == "long answer"
+    with pytest.raises(StoreError):
+        store.record_choice(user_id=a, chosen_id=alt, rejected_id=alt)

@@ -82,6 +82,65 @@ class FeedbackMixin:
             )
             return cur.lastrowid
 
+    def _own_answer(self, db, *, user_id: int, message_id: int) -> tuple:
+        """(content, conversation_id, position, status) of one of the user's answers, read inside ``db``'s transaction."""
+        row = db.execute(
+            "SELECT m.content, m.conversation_id, m.position, m.status, m.role FROM messages m JOIN conversations c ON c.id = m.conversation_id "
+            "WHERE m.id = ? AND m.user_id = ? AND c.user_id = ? AND c.deleted_at IS NULL",
+            [message_id, user_id, user_id],
+        ).fetchone()
+        if row is None:
+            raise NotFound(f"message {message_id} not found")
+        if row[4] != "assistant":
+            raise StoreError("only answers take this feedback")
+        return row[:4]
+
+    def record_correction(self, *, user_id: int, message_id: int, instruction: str, content: str,
+                          adapter_version: int | None = None) -> tuple[int, int]:
+        """A corrected answer replaces ``message_id``: the new message, the old one superseded (with
+        everything after it) and the feedback row, in one transaction. Returns (new message id, feedback id).
+
+        "before" is read inside the transaction, so an edit that landed while the
+        corrected answer streamed is what the pair's rejected side holds.
+        """
+        t = now()
+        with self.db.write() as db:
+            before, conversation_id, position, _ = self._own_answer(db, user_id=user_id, message_id=message_id)
+            db.execute(
+                "UPDATE messages SET status = 'superseded' WHERE conversation_id = ? AND user_id = ? AND status = 'active' "
+                "AND (position > ? OR id = ?)",
+                [conversation_id, user_id, position, message_id],
+            )
+            new_id = db.execute(
+                "INSERT INTO messages (conversation_id, user_id, position, role, content, status, replaces_id, instruction, adapter_version, created_at) "
+                "VALUES (?, ?, ?, 'assistant', ?, 'active', ?, ?, ?, ?)",
+                [conversation_id, user_id, position, content, message_id, instruction, adapter_version, t],
+            ).lastrowid
+            payload = {"instruction": instruction, "original_message_id": message_id, "before": before, "after": content}
+            fid = db.execute(
+                "INSERT INTO feedback (user_id, conversation_id, message_id, kind, payload, created_at, updated_at) VALUES (?, ?, ?, 'correction', ?, ?, ?)",
+                [user_id, conversation_id, new_id, dumps(payload), t, t],
+            ).lastrowid
+            db.execute("UPDATE conversations SET updated_at = ? WHERE id = ?", [t, conversation_id])
+            return new_id, fid
+
+    def record_choice(self, *, user_id: int, chosen_id: int, rejected_id: int) -> int:
+        """The user picked ``chosen_id`` over ``rejected_id`` (two answers at one position): the
+        feedback row and both statuses in one transaction. Returns the feedback id."""
+        t = now()
+        with self.db.write() as db:
+            chosen, conv, pos, _ = self._own_answer(db, user_id=user_id, message_id=chosen_id)
+            rejected, conv_r, pos_r, _ = self._own_answer(db, user_id=user_id, message_id=rejected_id)
+            if chosen_id == rejected_id or (conv, pos) != (conv_r, pos_r):
+                raise StoreError("pick between two answers to the same message")
+            fid = db.execute(
+                "INSERT INTO feedback (user_id, conversation_id, message_id, kind, payload, created_at, updated_at) VALUES (?, ?, ?, 'comparison', ?, ?, ?)",
+                [user_id, conv, chosen_id, dumps({"chosen_id": chosen_id, "rejected_id": rejected_id, "chosen": chosen, "rejected": rejected}), t, t],
+            ).lastrowid
+            db.execute("UPDATE messages SET status = 'active' WHERE id = ? AND user_id = ?", [chosen_id, user_id])
+            db.execute("UPDATE messages SET status = 'alternative' WHERE id = ? AND user_id = ?", [rejected_id, user_id])
+            return fid
+
     def withdraw_feedback(self, *, user_id: int, feedback_id: int) -> None:
         with self.db.write() as db:
             cur = db.execute("DELETE FROM feedback WHERE id = ? AND user_id = ?", [feedback_id, user_id])

@@ -150,6 +150,8 @@ class Engine:
             if not (path / "adapter_config.json").is_file() or not any(path.glob("adapter_model.*")):
                 raise AdapterLoadError(f"adapter {ref.key} has no adapter files in {path}")
             self._restore_base()
+            from safetensors import SafetensorError
+
             try:
                 if self.peft is None:
                     from peft import PeftModel
@@ -158,7 +160,10 @@ class Engine:
                     self.peft.eval()
                 else:
                     self.peft.load_adapter(str(path), adapter_name=ref.key, is_trainable=False)
-            except (OSError, ValueError, KeyError, RuntimeError) as exc:
+            except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
+                # A half-loaded adapter would shadow a good copy loaded later under the same key.
+                if self.peft is not None and ref.key in self.peft.peft_config:
+                    self.peft.delete_adapter(ref.key)
                 raise AdapterLoadError(f"adapter {ref.key} at {path} could not be loaded: {exc}") from exc
             self.peft.base_model.disable_adapter_layers()
             for layer in self._lora_layers():

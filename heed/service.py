@@ -207,14 +207,12 @@ class Heed:
     def _engine_stream(self, msgs: list[dict], ref, gen=None) -> Iterator[str]:
         from .engine import AdapterLoadError
 
-        from safetensors import SafetensorError
-
         started = False
         try:
             for piece in self.engine.stream(msgs, adapter=ref, gen=gen):
                 started = True
                 yield piece
-        except (AdapterLoadError, SafetensorError) as exc:
+        except AdapterLoadError as exc:
             if started:
                 raise
             # The files changed after adapter_for looked at them (or peft refused them).

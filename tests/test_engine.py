@@ -158,6 +158,22 @@ def test_a_missing_adapter_is_a_clear_error_and_the_engine_keeps_serving(world, 
     assert engine.generate(ASK, adapter=a)
 
 
+def test_a_corrupt_adapter_file_is_an_adapter_load_error_and_a_good_copy_loads_after(world, tmp_path):
+    import shutil
+
+    from heed.engine import AdapterLoadError, AdapterRef
+
+    config, engine, (a, _, _) = world
+    bad = tmp_path / "bad"
+    shutil.copytree(a.path, bad)
+    good_bytes = (bad / "adapter_model.safetensors").read_bytes()
+    (bad / "adapter_model.safetensors").write_bytes(b"\x00garbage" * 100)
+    with pytest.raises(AdapterLoadError, match="could not be loaded"):
+        engine.ensure_adapter(AdapterRef("damaged", str(bad)))
+    (bad / "adapter_model.safetensors").write_bytes(good_bytes)
+    assert engine.generate(ASK, adapter=AdapterRef("damaged", str(bad))) == engine.generate(ASK, adapter=a)
+
+
 def test_a_batch_with_more_adapters_than_the_cache_holds_still_gives_each_its_own(world, tmp_path):
     config, engine, (a, b, c) = world
     d = _make_adapter(config, tmp_path / "d2", 9)

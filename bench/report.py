@@ -19,6 +19,20 @@ def _pct(v) -> str:
     return "–" if v is None else f"{100 * v:.0f}%"
 
 
+def _settings(res: dict) -> list[str]:
+    """The generation and learner settings the figures depend on, as one paragraph."""
+    chat = (res.get("generation") or {}).get("chat") or {}
+    lc = res.get("learner_config") or {}
+    if not chat and not lc:
+        return []
+    gen = (f"Generation: greedy, system prompt “{chat.get('system_prompt')}”, repetition penalty {chat.get('repetition_penalty')}, "
+           f"{chat.get('max_new_tokens')} new tokens while chatting, {(res.get('generation') or {}).get('eval_max_new_tokens')} when judging. ")
+    learn = (f"Learner: LoRA r={lc.get('lora_r')} on {', '.join(lc.get('target_modules', []))}, lr {lc.get('learning_rate')}, "
+             f"{lc.get('epochs')} epochs (at least {lc.get('min_steps')} steps), batch {lc.get('batch_size')}, "
+             f"DPO {lc.get('dpo_loss')} + SFT ×{lc.get('sft_weight')}, reference {lc.get('reference')}, replay {lc.get('replay_size')}.")
+    return [gen + learn, ""]
+
+
 def personalize_md(res: dict, *, images: dict[str, str]) -> str:
     b = res.get("bench", {})
     lines = [
@@ -33,6 +47,7 @@ def personalize_md(res: dict, *, images: dict[str, str]) -> str:
         "own LoRA, the promotion gate included) after " + ", ".join(map(str, b.get("checkpoints", []))) + " events, continuing the same adapter. Held-out "
         "prompts are never chatted about; their answers are generated greedily with the adapter a new session would get.",
         "",
+        *_settings(res),
         QUALITY_CHECK,
         "",
         "## Alignment quality and data efficiency",

@@ -239,10 +239,15 @@ def _quiet(trainer):
 
 @contextlib.contextmanager
 def library_noise_muted():
-    """peft and trl read a property transformers 5 renamed; its FutureWarning says nothing to a Heed user."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        yield
+    """peft and trl read a property transformers 5 renamed; its FutureWarning says nothing to a Heed user.
+
+    A process-wide filter for that one message, not ``catch_warnings``: the
+    learner runs on background threads (the UI's "learn now", the benchmark),
+    and ``catch_warnings`` swaps the global filter list, so a thread that
+    leaves it restores the list under another thread still training.
+    """
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    yield
 
 
 def train_adapter(config: HeedConfig, **kw) -> dict:

@@ -272,5 +272,6 @@ def serve(heed: Heed, *, host: str, port: int) -> None:
         # Nothing of a user's chats is kept in the browser's storage after logout (Gradio's run history).
         run_history=False,
         # A session hash is bound to the login that opened it (see session_guard.py).
-        app_kwargs={"middleware": [Middleware(SessionGuard)]},
+        # ...and a login opened before a password change ends with it.
+        app_kwargs={"middleware": [Middleware(SessionGuard, credentials_changed_at=heed.store.credentials_changed_at)]},
     )

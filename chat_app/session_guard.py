@@ -11,14 +11,20 @@ re-render from its state (alice's notes, with bob's cookie).
 This ASGI middleware binds each session hash to the first logged-in user who
 uses it and answers 403 to any other caller (logged in or not) that names it,
 wherever the hash travels: query string, JSON body, or URL path.
+
+It also ends logins that predate a password change (``heed user passwd``,
+possibly from another process): Gradio's login tokens never expire, so a
+token first seen before the change is dropped and its caller gets 401.
 """
 from __future__ import annotations
 
 import json
 import re
 import threading
+import time
 from collections import OrderedDict
 from http.cookies import CookieError, SimpleCookie
+from typing import Callable
 from urllib.parse import parse_qs
 
 _PATH_HASH = re.compile(r"^(?:/gradio_api)?/(?:heartbeat/([^/]+)$|stream/([^/]+)/[^/]+/[^/]+/)")
@@ -26,15 +32,22 @@ _MAX_BODY = 64 * 1024 * 1024  # only JSON bodies are read here; no event needs m
 
 
 class SessionGuard:
-    def __init__(self, app, *, max_sessions: int = 200_000) -> None:
+    def __init__(self, app, *, max_sessions: int = 200_000,
+                 credentials_changed_at: Callable[[str], float | None] | None = None, recheck_seconds: float = 1.0) -> None:
         self.app = app
         self.max_sessions = max_sessions
         self._owners: OrderedDict[str, str] = OrderedDict()
         self._lock = threading.Lock()
+        # token -> when this server first saw it (a login happens just before its first request).
+        self._token_seen: OrderedDict[str, float] = OrderedDict()
+        self._changed_at = credentials_changed_at
+        self._recheck = recheck_seconds
+        self._changed_cache: dict[str, tuple[float, float | None]] = {}
 
     # -- who is asking, and for which sessions -----------------------------------------
     @staticmethod
-    def _user(scope) -> str | None:
+    def _login(scope) -> tuple[str, str] | None:
+        """(user, token) of the request's valid login cookie, or None."""
         gradio_app = scope.get("app")
         tokens, cookie_id = getattr(gradio_app, "tokens", None), getattr(gradio_app, "cookie_id", None)
         if not tokens or cookie_id is None:
@@ -47,8 +60,27 @@ class SessionGuard:
             return None
         for name in (f"access-token-{cookie_id}", f"access-token-unsecure-{cookie_id}"):
             if name in cookies and cookies[name].value in tokens:
-                return tokens[cookies[name].value]
+                token = cookies[name].value
+                return tokens[token], token
         return None
+
+    def _outdated(self, user: str, token: str) -> bool:
+        """True when ``user``'s password changed (or the user was deleted) after ``token`` was first seen."""
+        if self._changed_at is None:
+            return False
+        now = time.time()
+        with self._lock:
+            seen = self._token_seen.setdefault(token, now)
+            self._token_seen.move_to_end(token)
+            while len(self._token_seen) > self.max_sessions:
+                self._token_seen.popitem(last=False)
+            cached = self._changed_cache.get(user)
+        if cached is None or now - cached[0] > self._recheck:
+            cached = (now, self._changed_at(user))
+            with self._lock:
+                self._changed_cache[user] = cached
+        changed = cached[1]
+        return changed is None or changed >= seen
 
     @staticmethod
     def _hashes(scope, body: bytes) -> set[str]:
@@ -101,7 +133,12 @@ class SessionGuard:
                 more = message.get("more_body", False)
                 if len(body) > _MAX_BODY:
                     return await self._refuse(send, 413, "The request is too large.")
-        if not self._allowed(self._hashes(scope, body), self._user(scope)):
+        login = self._login(scope)
+        if login and self._outdated(*login):
+            # Forget the token everywhere Gradio looks it up, so the old cookie stays dead.
+            getattr(scope.get("app"), "tokens", {}).pop(login[1], None)
+            return await self._refuse(send, 401, "Your password changed or your account was removed: sign in again.")
+        if not self._allowed(self._hashes(scope, body), login[0] if login else None):
             return await self._refuse(send, 403, "This session belongs to another login.")
         if not messages:
             return await self.app(scope, receive, send)

@@ -53,6 +53,34 @@ def test_logout_ends_the_session_on_the_server(served):
     assert r.status_code == 401
 
 
+def test_a_password_change_ends_the_sessions_opened_before_it(served):
+    heed, url = served["heed"], served["url"]
+    uid = heed.add_user("changer", "changer-old-1")
+    client = GradioClient(url)
+    assert client.login("changer", "changer-old-1")
+    assert client.call("page_load").ok
+    stolen = dict(client.http.cookies)
+    heed.store.set_password(user_id=uid, password="changer-new-1")  # what `heed user passwd` does, from another process
+    time.sleep(1.2)  # the server re-reads a user's password date at most once a second
+    after = client.call("page_load")
+    assert after.status == 401 and "sign in again" in after.error
+    assert httpx.Client(base_url=url, cookies=stolen).get("/config").status_code == 401, "the old cookie works again"
+    fresh = GradioClient(url)
+    assert not fresh.login("changer", "changer-old-1")
+    assert fresh.login("changer", "changer-new-1") and fresh.call("page_load").ok
+
+
+def test_a_deleted_users_login_does_not_carry_over_to_a_new_user_of_that_name(served):
+    heed, url = served["heed"], served["url"]
+    uid = heed.add_user("ghost", "ghost-password-1")
+    client = GradioClient(url)
+    assert client.login("ghost", "ghost-password-1") and client.call("page_load").ok
+    heed.delete_user(uid)
+    heed.add_user("ghost", "someone-else-9")
+    time.sleep(1.2)
+    assert client.call("page_load").status == 401
+
+
 def test_the_server_listens_on_loopback_only(served):
     port = served["config"].app.port
     listening = []

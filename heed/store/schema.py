@@ -117,4 +117,8 @@ CREATE TABLE notes (
 );
 CREATE INDEX notes_user ON notes(user_id)
 """,
+    # v2: a password change ends the sessions opened before it (chat_app.session_guard reads this).
+    """
+ALTER TABLE users ADD COLUMN credentials_changed_at REAL NOT NULL DEFAULT 0
+""",
 ]

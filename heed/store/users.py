@@ -23,7 +23,9 @@ class UsersMixin:
         with self.db.write() as db:
             if db.execute("SELECT 1 FROM users WHERE name = ?", [name]).fetchone():
                 raise StoreError(f"user {name!r} already exists")
-            cur = db.execute("INSERT INTO users (name, password_hash, created_at) VALUES (?, ?, ?)", [name, hashed, now()])
+            # credentials_changed_at = creation: a login token of a deleted user by the same name is not this user's.
+            t = now()
+            cur = db.execute("INSERT INTO users (name, password_hash, created_at, credentials_changed_at) VALUES (?, ?, ?, ?)", [name, hashed, t, t])
             return cur.lastrowid
 
     def user_id(self, name: str) -> int:
@@ -93,9 +95,16 @@ class UsersMixin:
         _check_password(password)
         hashed = hash_password(password)  # outside the write lock: scrypt takes ~50 ms
         with self.db.write() as db:
-            cur = db.execute("UPDATE users SET password_hash = ?, failed_logins = 0, locked_until = 0 WHERE id = ?", [hashed, user_id])
+            cur = db.execute("UPDATE users SET password_hash = ?, failed_logins = 0, locked_until = 0, credentials_changed_at = ? WHERE id = ?",
+                             [hashed, now(), user_id])
             if cur.rowcount == 0:
                 raise NotFound(f"no user with id {user_id}")
+
+    def credentials_changed_at(self, name: str) -> float | None:
+        """When ``name``'s password last changed (0: never), or None when there is no such user."""
+        with self.db.connect() as db:
+            row = db.execute("SELECT credentials_changed_at FROM users WHERE name = ?", [name]).fetchone()
+        return row[0] if row else None
 
     def delete_user(self, *, user_id: int) -> None:
         """Remove the user and (by cascade) every row of theirs."""

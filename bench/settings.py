@@ -41,9 +41,8 @@ class BenchConfig:
     seed: int = _f(0, "Seed of the simulated users' choices.")
     time_budget_minutes: float = _f(58.0, "Single-kind tracks that would end after this are skipped (and reported); the 'all' tracks always run.")
     generation: dict = _f({}, "Overrides of the Heed generation config while users chat (the product's greedy decoding; 'regenerate' samples).")
-    # From the learner's recipe sweep on 16 collected events (R1: 3 epochs, batches of 2, at least 8 steps)
-    # -- the strongest there; the 2-epoch default barely moved the non-brief personas.
-    learner: dict = _f({"epochs": 3, "batch_size": 2, "min_steps": 8}, "Overrides of the Heed learner config for this benchmark.")
+    # Empty: the full run measures the product's own recipe (configs/default.yaml).
+    learner: dict = _f({}, "Overrides of the Heed learner config for this benchmark.")
 
     def __post_init__(self) -> None:
         from bench.personas import get

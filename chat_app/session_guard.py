@@ -38,8 +38,10 @@ class SessionGuard:
         self.max_sessions = max_sessions
         self._owners: OrderedDict[str, str] = OrderedDict()
         self._lock = threading.Lock()
-        # token -> when this server first saw it (a login happens just before its first request).
+        # token -> when its login request started (read off the /login response's cookie). Gradio keeps
+        # tokens in memory, so a token this guard never dated was issued after the guard started.
         self._token_seen: OrderedDict[str, float] = OrderedDict()
+        self._started = time.time()
         self._changed_at = credentials_changed_at
         self._recheck = recheck_seconds
         self._changed_cache: dict[str, tuple[float, float | None]] = {}
@@ -70,12 +72,9 @@ class SessionGuard:
             return False
         now = time.time()
         with self._lock:
-            seen = self._token_seen.setdefault(token, now)
-            self._token_seen.move_to_end(token)
-            while len(self._token_seen) > self.max_sessions:
-                self._token_seen.popitem(last=False)
+            seen = self._token_seen.get(token, self._started)
             cached = self._changed_cache.get(user)
-        if cached is None or now - cached[0] > self._recheck:
+        if cached is None or now - cached[0] >= self._recheck:
             cached = (now, self._changed_at(user))
             with self._lock:
                 self._changed_cache[user] = cached
@@ -111,6 +110,21 @@ class SessionGuard:
                     self._owners.popitem(last=False)
         return True
 
+    def _date_login(self, send, started: float):
+        """``send``, noting the issue time of any login token the response sets."""
+        async def dated(message):
+            if message.get("type") == "http.response.start":
+                for k, v in message.get("headers", []):
+                    if k.lower() != b"set-cookie" or not v.startswith(b"access-token"):
+                        continue
+                    token = v.split(b";", 1)[0].split(b"=", 1)[-1].decode("latin-1").strip('"')
+                    with self._lock:
+                        self._token_seen[token] = started
+                        while len(self._token_seen) > self.max_sessions:
+                            self._token_seen.popitem(last=False)
+            await send(message)
+        return dated
+
     # -- ASGI ----------------------------------------------------------------------------
     @staticmethod
     async def _refuse(send, status: int, detail: str) -> None:
@@ -122,6 +136,8 @@ class SessionGuard:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        if scope.get("path", "").endswith("/login"):
+            send = self._date_login(send, time.time())
         headers = dict(scope.get("headers", []))
         body, messages = b"", []
         if scope.get("method") == "POST" and b"json" in headers.get(b"content-type", b""):

@@ -149,9 +149,16 @@ class Engine:
             path = Path(ref.path)
             if not (path / "adapter_config.json").is_file() or not any(path.glob("adapter_model.*")):
                 raise AdapterLoadError(f"adapter {ref.key} has no adapter files in {path}")
-            self._restore_base()
             from safetensors import SafetensorError
 
+            from .validate import adapter_problem
+
+            # Checked before peft touches the model: a first load that fails half-way would leave
+            # LoRA layers injected into the base with no PeftModel to remove them.
+            problem = adapter_problem(path) if (path / "adapter_model.safetensors").is_file() else None
+            if problem:
+                raise AdapterLoadError(f"adapter {ref.key} could not be loaded: {problem}")
+            self._restore_base()
             try:
                 if self.peft is None:
                     from peft import PeftModel
@@ -163,7 +170,10 @@ class Engine:
             except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
                 # A half-loaded adapter would shadow a good copy loaded later under the same key.
                 if self.peft is not None and ref.key in self.peft.peft_config:
-                    self.peft.delete_adapter(ref.key)
+                    try:
+                        self.peft.delete_adapter(ref.key)
+                    except (KeyError, ValueError, RuntimeError) as cleanup:
+                        log.warning("could not drop the half-loaded adapter %s: %s", ref.key, cleanup)
                 raise AdapterLoadError(f"adapter {ref.key} at {path} could not be loaded: {exc}") from exc
             self.peft.base_model.disable_adapter_layers()
             for layer in self._lora_layers():

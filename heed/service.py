@@ -308,6 +308,8 @@ class Heed:
         self._answer(user_id, chosen_id), self._answer(user_id, other_id)
         try:
             return self.store.record_choice(user_id=user_id, chosen_id=chosen_id, rejected_id=other_id)
+        except NotFound:
+            raise
         except StoreError as exc:
             raise InputError(str(exc)) from exc
 

@@ -189,3 +189,58 @@ def test_a_new_user_never_gets_a_deleted_users_cached_adapter(tmp_path, tiny_mod
     if new_id != old_id:
         pytest.skip("SQLite did not reuse the id this time")
     assert new_ref.key != old_ref.key, "the engine would serve the deleted user's cached adapter to the new user"
+
+
+class _GradioApp:
+    def __init__(self):
+        self.tokens, self.cookie_id = {}, "cid"
+
+
+def _guarded_status(guard, app, *, path="/config", token=None) -> int:
+    import asyncio
+
+    sent = []
+    headers = [(b"cookie", f"access-token-cid={token}".encode())] if token else []
+    scope = {"type": "http", "method": "POST" if path == "/login" else "GET", "path": path, "app": app,
+             "query_string": b"", "headers": headers}
+
+    async def send(message):
+        sent.append(message)
+
+    async def receive():
+        return {"type": "http.request", "body": b""}
+
+    asyncio.run(guard(scope, receive, send))
+    return sent[0]["status"]
+
+
+def test_a_login_from_before_a_password_change_ends_even_if_first_used_after_it():
+    import time
+
+    from chat_app.session_guard import SessionGuard
+
+    changed = {"alice": 0.0}
+    app = _GradioApp()
+    issued = []
+
+    async def gradio(scope, receive, send):
+        headers = []
+        if scope["path"] == "/login":  # Gradio's login: a new token in a cookie
+            token = f"t{len(issued)}"
+            issued.append(token)
+            app.tokens[token] = "alice"
+            headers = [(b"set-cookie", f"access-token-cid={token}; HttpOnly; Path=/".encode())]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": b""})
+
+    guard = SessionGuard(gradio, credentials_changed_at=changed.get, recheck_seconds=0)
+    assert _guarded_status(guard, app, path="/login") == 200  # logs in with the old password, waits
+    time.sleep(0.01)
+    changed["alice"] = time.time()  # `heed user passwd alice`
+    time.sleep(0.01)
+    assert _guarded_status(guard, app, token="t0") == 401
+    assert "t0" not in app.tokens, "the old token must be forgotten, not just refused once"
+    assert _guarded_status(guard, app, path="/login") == 200  # a login after the change works
+    assert _guarded_status(guard, app, token="t1") == 200
+    changed.pop("alice")  # the user is deleted
+    assert _guarded_status(guard, app, token="t1") == 401

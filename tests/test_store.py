@@ -193,3 +193,34 @@ def test_a_pick_flips_both_answers_and_records_the_pair_together(store):
     assert fb["payload"]["chosen"] == "alt" and fb["payload"]["rejected"] == "long answer"
     with pytest.raises(StoreError):
         store.record_choice(user_id=a, chosen_id=alt, rejected_id=alt)
+
+
+def test_a_correction_of_an_answer_replaced_meanwhile_is_refused_and_changes_nothing(store):
+    a = store.add_user("alice", password="x")
+    conv, answer = _chat(store, a)
+    store.record_correction(user_id=a, message_id=answer, instruction="shorter", content="c1")  # another tab, first
+    before = store.history(user_id=a, conversation_id=conv, include_inactive=True)
+    with pytest.raises(StoreError, match="replaced"):
+        store.record_correction(user_id=a, message_id=answer, instruction="bullets", content="c2")
+    assert store.history(user_id=a, conversation_id=conv, include_inactive=True) == before
+    assert len(store.list_feedback(user_id=a, kind="correction")) == 1
+
+
+def test_a_correction_of_an_undone_answer_does_not_rejoin_the_new_branch(store):
+    a = store.add_user("alice", password="x")
+    conv, answer = _chat(store, a)
+    store.truncate_after(user_id=a, conversation_id=conv, position=0)  # undo in another tab, then a new turn
+    store.add_message(user_id=a, conversation_id=conv, role="assistant", content="new a")
+    with pytest.raises(StoreError):
+        store.record_correction(user_id=a, message_id=answer, instruction="shorter", content="c1")
+    assert [m["content"] for m in store.history(user_id=a, conversation_id=conv)] == ["q", "new a"]
+
+
+def test_a_pick_between_answers_that_changed_meanwhile_is_refused(store):
+    a = store.add_user("alice", password="x")
+    conv, answer = _chat(store, a)
+    alt = store.add_message(user_id=a, conversation_id=conv, role="assistant", content="alt", status="alternative", position=1)
+    store.record_correction(user_id=a, message_id=answer, instruction="shorter", content="c1")  # another tab
+    with pytest.raises(StoreError, match="no longer"):
+        store.record_choice(user_id=a, chosen_id=alt, rejected_id=answer)
+    assert [m["content"] for m in store.history(user_id=a, conversation_id=conv)] == ["q", "c1"]

@@ -105,7 +105,10 @@ class FeedbackMixin:
         """
         t = now()
         with self.db.write() as db:
-            before, conversation_id, position, _ = self._own_answer(db, user_id=user_id, message_id=message_id)
+            before, conversation_id, position, status = self._own_answer(db, user_id=user_id, message_id=message_id)
+            if status != "active":
+                # Another tab corrected, picked over or undid this answer while the new one streamed.
+                raise StoreError("that answer was replaced while the correction was written; nothing was changed")
             db.execute(
                 "UPDATE messages SET status = 'superseded' WHERE conversation_id = ? AND user_id = ? AND status = 'active' "
                 "AND (position > ? OR id = ?)",
@@ -129,10 +132,13 @@ class FeedbackMixin:
         feedback row and both statuses in one transaction. Returns the feedback id."""
         t = now()
         with self.db.write() as db:
-            chosen, conv, pos, _ = self._own_answer(db, user_id=user_id, message_id=chosen_id)
-            rejected, conv_r, pos_r, _ = self._own_answer(db, user_id=user_id, message_id=rejected_id)
+            chosen, conv, pos, st_c = self._own_answer(db, user_id=user_id, message_id=chosen_id)
+            rejected, conv_r, pos_r, st_r = self._own_answer(db, user_id=user_id, message_id=rejected_id)
             if chosen_id == rejected_id or (conv, pos) != (conv_r, pos_r):
                 raise StoreError("pick between two answers to the same message")
+            if {st_c, st_r} != {"active", "alternative"}:
+                # Read under the lock: another tab may have corrected or picked since these were shown.
+                raise StoreError("those two answers are no longer the ones to pick from; nothing was changed")
             fid = db.execute(
                 "INSERT INTO feedback (user_id, conversation_id, message_id, kind, payload, created_at, updated_at) VALUES (?, ?, ?, 'comparison', ?, ?, ?)",
                 [user_id, conv, chosen_id, dumps({"chosen_id": chosen_id, "rejected_id": rejected_id, "chosen": chosen, "rejected": rejected}), t, t],

@@ -65,7 +65,9 @@ def personalize_md(res: dict, *, images: dict[str, str]) -> str:
     kinds = {name: tracks for name, tracks in kinds.items() if tracks}
     skipped = res.get("skipped") or {}
     if kinds:
-        lines += ["", "## By feedback kind", "", "The same persona learning from one kind of feedback alone (a fresh user each)."]
+        lines += ["", "## By feedback kind", "", "The same persona learning from one kind of feedback alone (a fresh user each)."
+                  + (" From a separate run: `heed bench personalize --bench-config bench/kinds.yaml --out bench/results/personalize_kinds.json`."
+                     if res.get("kinds_from") else "")]
         for name, tracks in kinds.items():
             cps = sorted({int(c) for t in tracks.values() for c in t})
             lines += ["", f"| {name} | " + " | ".join(f"after {c}" for c in cps) + " |", "|---|" + "---|" * len(cps)]

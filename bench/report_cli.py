@@ -17,6 +17,11 @@ def render(results_dir: Path, *, config: str | None = None) -> str:
     if config:
         parts.append(f"Config: `{config}`.")
     pers = load(results_dir / "personalize.json")
+    by_kind = load(results_dir / "personalize_kinds.json")
+    if pers and by_kind and by_kind.get("kinds"):
+        # The by-kind tracks ran on their own (bench/kinds.yaml): they replace the full run's skipped ones.
+        pers = {**pers, "kinds": by_kind["kinds"], "kinds_from": "personalize_kinds.json", "skipped": {
+            k: v for k, v in (pers.get("skipped") or {}).items() if k.split("/")[0] not in by_kind["kinds"]}}
     if pers:
         md_path = write_personalize(pers, results_dir / "personalize.json")
         images = {k: f"personalize_{k}.png" for k in ("curve", "alignment", "kinds", "isolation") if (results_dir / f"personalize_{k}.png").is_file()}

@@ -51,7 +51,7 @@ class BenchConfig:
             if not cond:
                 raise ConfigError(f"bench.{key}: {msg}")
 
-        check(bool(self.personas), "personas", "name at least one persona")
+        check(bool(self.personas) or bool(self.kind_personas), "personas", "name at least one persona (or kind_personas for a by-kind run)")
         for name in [*self.personas, *self.kind_personas]:
             try:
                 get(name)

@@ -57,3 +57,16 @@ def test_single_kind_tracks_ran_for_each_kind(quick):
     assert set(res["kinds"]["says_thanks"]) == {"all", "edit", "correction", "thumbs"}
     edits = res["tracks"]["says_thanks/edit"]["points"][-1]
     assert edits["events_by_kind"]["edit"] == edits["events"] > 0
+
+
+def test_the_report_puts_a_separate_by_kind_run_beside_the_full_one(quick, tmp_path):
+    from bench.report_cli import render
+
+    res, _ = quick
+    full = {**res, "kinds": {}, "skipped": {f"{n}/{k}": "stopped: time budget" for n in res["kinds"] for k in res["kinds"][n]}}
+    (tmp_path / "personalize.json").write_text(json.dumps(full))
+    (tmp_path / "personalize_kinds.json").write_text(json.dumps({"kinds": res["kinds"]}))
+    page = render(tmp_path)
+    assert "By feedback kind" in page and "bench/kinds.yaml" in page
+    assert "Not measured in this run" not in page, "the by-kind run fills the skipped tracks"
+    assert (tmp_path / "personalize_kinds.png").stat().st_size > 1000

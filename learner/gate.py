@@ -9,7 +9,11 @@ on the user's held-out contexts plus a fixed set of probe prompts:
   than ``gate_max_cutoff_increase`` (a looser bound: a user who wants longer
   answers legitimately gets more of them cut at the gate's short limit);
 - drift: per-token KL(candidate || base) on the candidate's probe answers;
-- the likelihood of the user's held-out chosen answers, candidate vs active.
+- the likelihood of the user's held-out chosen answers, candidate vs active: a
+  loose bound (``gate_min_logp_gain``), because DPO lowers held-out chosen
+  likelihood a little even while answers improve (likelihood displacement), and a
+  user's held-out set is a handful of pairs; it catches a candidate that forgot
+  the user's preferences, not one that expresses them in its own words.
 """
 from __future__ import annotations
 

@@ -70,3 +70,17 @@ def test_the_report_puts_a_separate_by_kind_run_beside_the_full_one(quick, tmp_p
     assert "By feedback kind" in page and "bench/kinds.yaml" in page
     assert "Not measured in this run" not in page, "the by-kind run fills the skipped tracks"
     assert (tmp_path / "personalize_kinds.png").stat().st_size > 1000
+
+
+def test_the_gate_audit_replays_every_adapter_version_of_a_kept_run(quick):
+    from bench.gate_audit import audit
+
+    res, out = quick
+    data = out.parent.parent / "data" / "run"
+    report = audit("configs/tiny.yaml", data, quick=True, everything=True, say=lambda _: None)
+    versions = {(r["user"], r["version"]) for r in report["rows"]}
+    trained = {t for t, rec in res["tracks"].items() if any((p.get("learn") or {}).get("version") for p in rec["points"])}
+    assert {u.replace("-", "/") for u, _ in versions} == trained
+    for r in report["rows"]:
+        assert 0.0 <= r["accept"] <= 1.0 and 0.0 <= r["degenerate"] <= 1.0
+        assert r["status"] in ("active", "retired", "rejected", "deleted")

@@ -29,6 +29,9 @@ def render(results_dir: Path, *, config: str | None = None) -> str:
         del md_path
     else:
         parts += ["", "## How well does Heed learn?", "", "No personalization results yet: run `heed bench personalize`."]
+    audit = load(results_dir / "gate_audit.json")
+    if audit:
+        parts += ["", gate_audit_md(audit, pers)]
     perf = load(results_dir / "perf.json")
     parts += ["", perf_md(perf).replace("# Performance", "## Performance", 1) if perf else "## Performance\n\nNo results yet: run `heed bench perf`."]
     loadres = load(results_dir / "load.json")
@@ -36,6 +39,34 @@ def render(results_dir: Path, *, config: str | None = None) -> str:
         parts += ["", "## Load", "", "| figure | value |", "|---|---|"]
         parts += [f"| {k} | {json.dumps(v) if isinstance(v, (dict, list)) else v} |" for k, v in loadres.items()]
     return "\n".join(parts) + "\n"
+
+
+def _kept_acceptance(pers: dict | None, user: str, version: int) -> float | None:
+    """Held-out acceptance of the adapter the user kept when ``version`` was refused (from personalize.json)."""
+    track = ((pers or {}).get("tracks") or {}).get(user.replace("-", "/"))
+    for p in (track or {}).get("points", []):
+        if (p.get("learn") or {}).get("version") == version:
+            return p["accept"].get(track["persona"])
+    return None
+
+
+def gate_audit_md(audit: dict, pers: dict | None = None) -> str:
+    """The refused candidates of a kept personalization run, with what the gate could not see: their acceptance."""
+    rows = [r for r in audit["rows"] if r["status"] == "rejected"]
+    lines = ["## Gate audit", "",
+             "Every candidate the gate refused in a kept personalization run, measured afterwards on the same held-out "
+             f"prompts ({audit['n_heldout_prompts']}) by its persona's judge (`heed bench gate-audit`). `chosen gain` and "
+             "`margin gain` are per-token log-likelihood changes on the user's held-out pairs against the adapter it was judged against.",
+             "", "| user | version | refused because | its acceptance | kept adapter's | degenerate | chosen gain | margin gain |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        why = "; ".join(r.get("gate_reasons") or []) or "–"
+        acc = f"{100 * r['accept']:.0f}%" if r.get("accept") is not None else "–"
+        deg = f"{100 * r['degenerate']:.0f}%" if r.get("degenerate") is not None else "–"
+        kept = _kept_acceptance(pers, r["user"], r["version"])
+        kept = f"{100 * kept:.0f}%" if kept is not None else "–"
+        lines.append(f"| {r['user']} | {r['version']} | {why} | {acc} | {kept} | {deg} | {r['chosen_gain']} | {r['margin_gain']} |")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:

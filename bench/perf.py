@@ -231,7 +231,12 @@ def learner(config_path: str, out: Path) -> dict:
     return {**{k: res.get(k) for k in keys}, "learner": res}
 
 
-def run(config_path: str, *, quick: bool, out: Path, skip_learner: bool = False, say=print) -> dict:
+SECTIONS = ("store", "serving", "learner")
+
+
+def run(config_path: str, *, quick: bool, out: Path, skip_learner: bool = False, only: tuple[str, ...] = SECTIONS,
+        say=print) -> dict:
+    """Measure ``only`` these sections; with fewer than all, the other figures are kept from ``out``."""
     from heed.config import load_config
     from heed.engine import set_threads
     from heed.models import resolve_model
@@ -240,23 +245,29 @@ def run(config_path: str, *, quick: bool, out: Path, skip_learner: bool = False,
     first = load_config(config_path)
     set_threads(first.model.torch_threads)
     t0 = time.time()
-    results: dict = {"config_file": config_path, "settings": s.__dict__, "machine": platform.processor() or platform.machine()}
+    results: dict = {}
+    if set(only) != set(SECTIONS) and out.is_file():
+        results = json.loads(out.read_text())
+        results["sections_rerun"] = {name: time.strftime("%Y-%m-%d %H:%M") for name in only}
+    results.update({"config_file": config_path, "settings": s.__dict__, "machine": platform.processor() or platform.machine()})
     with tempfile.TemporaryDirectory(prefix="heed-perf-") as tmp:
         config = load_config(config_path, overrides={"data_dir": tmp, "model": {"name_or_path": str(resolve_model(first))}})
         results["model"] = Path(config.model.name_or_path).name
         results["torch_threads"] = config.model.torch_threads
-        say("store: writes and queries ...")
-        results.update(perf_store.writes(config, seconds=s.write_seconds, runs=3))
-        results.update(perf_store.queries(Path(tmp) / "big.db", rows=s.feedback_rows, runs=s.runs))
-        say("serving: adapters ...")
-        refs = make_adapters(config, Path(tmp) / "adapters", s.users)
-        results.update(serving(config, s, refs))
+        if "store" in only:
+            say("store: writes and queries ...")
+            results.update(perf_store.writes(config, seconds=s.write_seconds, runs=3))
+            results.update(perf_store.queries(Path(tmp) / "big.db", rows=s.feedback_rows, runs=s.runs))
+        if "serving" in only:
+            say("serving: adapters ...")
+            refs = make_adapters(config, Path(tmp) / "adapters", s.users)
+            results.update(serving(config, s, refs))
     if skip_learner:
         results.update({k: None for k in LEARNER_KEYS}, learner_note="left out (--skip-learner)")
-    else:
+    elif "learner" in only:
         say("learner ...")
         results.update(learner(config_path, out.parent / "learner_bench.json"))
-    results["seconds"] = round(time.time() - t0, 1)
+    results["seconds" if set(only) == set(SECTIONS) else "seconds_rerun"] = round(time.time() - t0, 1)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1))
     from bench.report import write_perf
@@ -271,10 +282,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", help="Heed YAML config (default: configs/default.yaml, or configs/tiny.yaml with --quick)")
     p.add_argument("--out", help="result JSON (default: bench/results/perf.json; quick: bench/results/quick/perf.json)")
     p.add_argument("--skip-learner", action="store_true", help="leave the learner figures out")
+    p.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS),
+                   help="measure only these sections; the rest of --out's figures are kept")
     args = p.parse_args(argv)
     config = args.config or ("configs/tiny.yaml" if args.quick else "configs/default.yaml")
     out = Path(args.out) if args.out else RESULTS / ("quick" if args.quick else "") / "perf.json"
-    res = run(config, quick=args.quick, out=out, skip_learner=args.skip_learner)
+    res = run(config, quick=args.quick, out=out, skip_learner=args.skip_learner, only=tuple(args.only))
     print(json.dumps({k: v for k, v in res.items() if not isinstance(v, dict)}, indent=1))
     print(f"wrote {out}")
     return 0

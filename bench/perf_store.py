@@ -85,8 +85,9 @@ def writes(config, *, seconds: float, runs: int) -> dict:
     def service_work(i, deadline):
         uid, mids = users[i]
         n = 0
-        while time.perf_counter() < deadline and cursor[i] < len(mids):
-            heed.thumb(uid, mids[cursor[i]], n % 2 == 0)
+        # Round the user's answers again when they run out (a vote on a voted answer is an update: still a write).
+        while time.perf_counter() < deadline:
+            heed.thumb(uid, mids[cursor[i] % len(mids)], n % 2 == 0)
             cursor[i] += 1
             n += 1
         return n

@@ -52,11 +52,14 @@ def _kept_acceptance(pers: dict | None, user: str, version: int) -> float | None
 
 def gate_audit_md(audit: dict, pers: dict | None = None) -> str:
     """The refused candidates of a kept personalization run, with what the gate could not see: their acceptance."""
+    from heed.config import LearnerConfig
+
     rows = [r for r in audit["rows"] if r["status"] == "rejected"]
     lines = ["## Gate audit", "",
              "Every candidate the gate refused in a kept personalization run, measured afterwards on the same held-out "
              f"prompts ({audit['n_heldout_prompts']}) by its persona's judge (`heed bench gate-audit`). `chosen gain` and "
-             "`margin gain` are per-token log-likelihood changes on the user's held-out pairs against the adapter it was judged against.",
+             "`margin gain` are per-token log-likelihood changes on the user's held-out pairs against the adapter it was judged against. "
+             f"Heed's likelihood bound now: {LearnerConfig().gate_min_logp_gain} nats/token (`learner.gate_min_logp_gain`).",
              "", "| user | version | refused because | its acceptance | kept adapter's | degenerate | chosen gain | margin gain |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:

@@ -13,7 +13,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def render(results_dir: Path, *, config: str | None = None) -> str:
     parts = ["# Heed benchmark report", "",
              "Regenerate everything with `heed bench personalize && heed bench perf && heed bench report` "
-             "(about an hour on a 2-core CPU; `--quick` runs the same code on the tiny model in minutes)."]
+             "(about 100 minutes on a 2-core CPU; `--quick` runs the same code on the tiny model in minutes)."]
     if config:
         parts.append(f"Config: `{config}`.")
     pers = load(results_dir / "personalize.json")

@@ -14,7 +14,7 @@ wherever the hash travels: query string, JSON body, or URL path.
 
 It also ends logins that predate a password change (``heed user passwd``,
 possibly from another process): Gradio's login tokens never expire, so a
-token first seen before the change is dropped and its caller gets 401.
+token issued before the change is dropped and its caller gets 401.
 """
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ class SessionGuard:
         self._lock = threading.Lock()
         # token -> when its login request started (read off the /login response's cookie). Gradio keeps
         # tokens in memory, so a token this guard never dated was issued after the guard started.
-        self._token_seen: OrderedDict[str, float] = OrderedDict()
+        self._token_issued: OrderedDict[str, float] = OrderedDict()
         self._started = time.time()
         self._changed_at = credentials_changed_at
         self._recheck = recheck_seconds
@@ -67,19 +67,19 @@ class SessionGuard:
         return None
 
     def _outdated(self, user: str, token: str) -> bool:
-        """True when ``user``'s password changed (or the user was deleted) after ``token`` was first seen."""
+        """True when ``user``'s password changed (or the user was deleted) after ``token`` was issued."""
         if self._changed_at is None:
             return False
         now = time.time()
         with self._lock:
-            seen = self._token_seen.get(token, self._started)
+            issued = self._token_issued.get(token, self._started)
             cached = self._changed_cache.get(user)
         if cached is None or now - cached[0] >= self._recheck:
             cached = (now, self._changed_at(user))
             with self._lock:
                 self._changed_cache[user] = cached
         changed = cached[1]
-        return changed is None or changed >= seen
+        return changed is None or changed >= issued
 
     @staticmethod
     def _hashes(scope, body: bytes) -> set[str]:
@@ -119,9 +119,9 @@ class SessionGuard:
                         continue
                     token = v.split(b";", 1)[0].split(b"=", 1)[-1].decode("latin-1").strip('"')
                     with self._lock:
-                        self._token_seen[token] = started
-                        while len(self._token_seen) > self.max_sessions:
-                            self._token_seen.popitem(last=False)
+                        self._token_issued[token] = started
+                        while len(self._token_issued) > self.max_sessions:
+                            self._token_issued.popitem(last=False)
             await send(message)
         return dated
 

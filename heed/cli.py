@@ -233,14 +233,20 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("config", help="list every configuration key with its default and help")
     c.set_defaults(fn=cmd_config)
 
-    bench = sub.add_parser("bench", help="benchmarks: personalize, perf, load, report", add_help=False)
+    bench = sub.add_parser("bench", help="benchmarks: personalize, perf, load, gate-audit, report", add_help=False)
     bench.add_argument("rest", nargs=argparse.REMAINDER)
     bench.set_defaults(fn=cmd_bench)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and getattr(args, "command", None) == "bench":
+        # argparse leaves a leading option (`heed bench --help`) out of REMAINDER: the bench CLI gets it.
+        args.rest = extra + args.rest
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

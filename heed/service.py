@@ -305,7 +305,6 @@ class Heed:
 
     def choose(self, user_id: int, chosen_id: int, other_id: int) -> int:
         """The user picked ``chosen_id`` over ``other_id`` (two answers to one context)."""
-        self._answer(user_id, chosen_id), self._answer(user_id, other_id)
         try:
             return self.store.record_choice(user_id=user_id, chosen_id=chosen_id, rejected_id=other_id)
         except NotFound:

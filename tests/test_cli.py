@@ -83,3 +83,12 @@ def test_backup_and_restore_errors_are_clear(cli, tmp_path):
     code, _, err = cli("restore", str(tmp_path / "b"))
     assert code == 2 and "already holds 1 users" in err
     assert cli("restore", "--force", str(tmp_path / "b"))[0] == 0
+
+
+def test_bench_help_lists_every_benchmark(capsys):
+    assert main(["bench", "--help"]) == 0
+    out = capsys.readouterr().out
+    for name in ("personalize", "perf", "load", "gate-audit", "report"):
+        assert name in out
+    with pytest.raises(SystemExit):
+        main(["user", "list", "--no-such-option"])

@@ -40,19 +40,15 @@ class FeedbackMixin:
                     raise NotFound(f"conversation {conversation_id} not found")
             else:
                 raise StoreError("feedback needs a message or a conversation")
-            body = dumps(payload)
             if kind in ("thumb", "rating"):
                 key_col, key = ("message_id", message_id) if kind == "thumb" else ("conversation_id", conversation_id)
                 existing = db.execute(f"SELECT id FROM feedback WHERE user_id = ? AND kind = ? AND {key_col} = ?", [user_id, kind, key]).fetchone()
                 if existing:
                     # A changed vote is new information: the learner must see it again.
-                    db.execute("UPDATE feedback SET payload = ?, updated_at = ?, consumed_run_id = NULL WHERE id = ?", [body, t, existing[0]])
+                    db.execute("UPDATE feedback SET payload = ?, updated_at = ?, consumed_run_id = NULL WHERE id = ?", [dumps(payload), t, existing[0]])
                     return existing[0]
-            cur = db.execute(
-                "INSERT INTO feedback (user_id, conversation_id, message_id, kind, payload, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                [user_id, conversation_id, message_id, kind, body, t, t],
-            )
-            return cur.lastrowid
+            return self._insert_feedback(db, user_id=user_id, conversation_id=conversation_id, message_id=message_id, kind=kind,
+                                         payload=payload, at=t)
 
     def record_edit(self, *, user_id: int, message_id: int, content: str) -> int:
         """The user's rewrite of an answer: the feedback row and the new text in one transaction.
@@ -62,25 +58,21 @@ class FeedbackMixin:
         """
         t = now()
         with self.db.write() as db:
-            row = db.execute(
-                "SELECT m.content, m.conversation_id, m.role FROM messages m JOIN conversations c ON c.id = m.conversation_id "
-                "WHERE m.id = ? AND m.user_id = ? AND c.user_id = ? AND c.deleted_at IS NULL",
-                [message_id, user_id, user_id],
-            ).fetchone()
-            if row is None:
-                raise NotFound(f"message {message_id} not found")
-            before, conversation_id, role = row
-            if role != "assistant":
-                raise StoreError("only answers can be edited")
-            cur = db.execute(
-                "INSERT INTO feedback (user_id, conversation_id, message_id, kind, payload, created_at, updated_at) VALUES (?, ?, ?, 'edit', ?, ?, ?)",
-                [user_id, conversation_id, message_id, dumps({"before": before, "after": content}), t, t],
-            )
+            before, conversation_id, _, _ = self._own_answer(db, user_id=user_id, message_id=message_id)
+            fid = self._insert_feedback(db, user_id=user_id, conversation_id=conversation_id, message_id=message_id, kind="edit",
+                                        payload={"before": before, "after": content}, at=t)
             db.execute(
                 "UPDATE messages SET original_content = COALESCE(original_content, content), content = ? WHERE id = ? AND user_id = ?",
                 [content, message_id, user_id],
             )
-            return cur.lastrowid
+            return fid
+
+    @staticmethod
+    def _insert_feedback(db, *, user_id: int, conversation_id: int, message_id: int | None, kind: str, payload: dict, at: float) -> int:
+        return db.execute(
+            "INSERT INTO feedback (user_id, conversation_id, message_id, kind, payload, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            [user_id, conversation_id, message_id, kind, dumps(payload), at, at],
+        ).lastrowid
 
     def _own_answer(self, db, *, user_id: int, message_id: int) -> tuple:
         """(content, conversation_id, position, status) of one of the user's answers, read inside ``db``'s transaction."""
@@ -92,7 +84,7 @@ class FeedbackMixin:
         if row is None:
             raise NotFound(f"message {message_id} not found")
         if row[4] != "assistant":
-            raise StoreError("only answers take this feedback")
+            raise StoreError("only answers take this feedback (edits, corrections, picks)")
         return row[:4]
 
     def record_correction(self, *, user_id: int, message_id: int, instruction: str, content: str,
@@ -120,10 +112,8 @@ class FeedbackMixin:
                 [conversation_id, user_id, position, content, message_id, instruction, adapter_version, t],
             ).lastrowid
             payload = {"instruction": instruction, "original_message_id": message_id, "before": before, "after": content}
-            fid = db.execute(
-                "INSERT INTO feedback (user_id, conversation_id, message_id, kind, payload, created_at, updated_at) VALUES (?, ?, ?, 'correction', ?, ?, ?)",
-                [user_id, conversation_id, new_id, dumps(payload), t, t],
-            ).lastrowid
+            fid = self._insert_feedback(db, user_id=user_id, conversation_id=conversation_id, message_id=new_id, kind="correction",
+                                        payload=payload, at=t)
             db.execute("UPDATE conversations SET updated_at = ? WHERE id = ?", [t, conversation_id])
             return new_id, fid
 
@@ -139,10 +129,8 @@ class FeedbackMixin:
             if {st_c, st_r} != {"active", "alternative"}:
                 # Read under the lock: another tab may have corrected or picked since these were shown.
                 raise StoreError("those two answers are no longer the ones to pick from; nothing was changed")
-            fid = db.execute(
-                "INSERT INTO feedback (user_id, conversation_id, message_id, kind, payload, created_at, updated_at) VALUES (?, ?, ?, 'comparison', ?, ?, ?)",
-                [user_id, conv, chosen_id, dumps({"chosen_id": chosen_id, "rejected_id": rejected_id, "chosen": chosen, "rejected": rejected}), t, t],
-            ).lastrowid
+            fid = self._insert_feedback(db, user_id=user_id, conversation_id=conv, message_id=chosen_id, kind="comparison", at=t,
+                                        payload={"chosen_id": chosen_id, "rejected_id": rejected_id, "chosen": chosen, "rejected": rejected})
             db.execute("UPDATE messages SET status = 'active' WHERE id = ? AND user_id = ?", [chosen_id, user_id])
             db.execute("UPDATE messages SET status = 'alternative' WHERE id = ? AND user_id = ?", [rejected_id, user_id])
             return fid

@@ -44,6 +44,7 @@ class ModelConfig:
     trust_remote_code: bool = _f(False, "Allow model code from the model folder (off: only transformers' own classes run).")
     max_batch: int = _f(8, "Replies generated together when several users ask at once (each keeps its own adapter).")
     batch_window_ms: int = _f(5, "How long a new request waits for others to join its batch, in milliseconds.")
+    adapter_serving: str = _f("auto", "One user's adapter: 'unmerged' (LoRA added by hooks: switching users costs nothing), 'merged' (folded into copies of the base weights: each switch rewrites them), 'auto' (merged on CUDA, unmerged on CPU).")
 
     def __post_init__(self) -> None:
         _check(bool(self.name_or_path.strip()), "model.name_or_path", "must not be empty")
@@ -53,6 +54,8 @@ class ModelConfig:
         _check(1 <= self.max_cached_adapters <= 10_000, "model.max_cached_adapters", "must be between 1 and 10000")
         _check(1 <= self.max_batch <= 256, "model.max_batch", "must be between 1 and 256")
         _check(0 <= self.batch_window_ms <= 1000, "model.batch_window_ms", "must be between 0 and 1000")
+        _check(self.adapter_serving in ("auto", "merged", "unmerged"), "model.adapter_serving",
+               f"must be auto, merged or unmerged, got {self.adapter_serving!r}")
 
 
 @dataclass
@@ -115,7 +118,8 @@ class LearnerConfig:
     adapters_dir: str = _f("adapters", "Where adapters live; relative paths are under data_dir.")
     gate_enabled: bool = _f(True, "Judge candidates before promotion; off promotes every finished run.")
     gate_max_new_tokens: int = _f(96, "Reply length when the gate samples the candidate's answers.")
-    gate_max_contexts: int = _f(16, "Held-out contexts the gate answers (besides the fixed probe prompts).")
+    gate_max_contexts: int = _f(16, "At most this many of the user's held-out contexts are among the gate's answers...")
+    gate_answers: int = _f(24, "...which are always this many: probe prompts fill the rest (at most 24), so the gate costs the same for any history.")
     gate_max_degenerate_increase: float = _f(0.15, "Refuse when the share of empty, one-word, echoed or repetitive answers rises by more than this...")
     gate_min_degenerate_answers: int = _f(3, "...and by at least this many answers (one odd answer among a few dozen is noise).")
     gate_max_cutoff_increase: float = _f(0.5, "Refuse when the share of answers that never end (cut at gate_max_new_tokens) rises by more than this.")
@@ -152,6 +156,8 @@ class LearnerConfig:
         _check(bool(self.adapters_dir.strip()), "learner.adapters_dir", "must not be empty")
         _check(1 <= self.gate_max_new_tokens <= 4096, "learner.gate_max_new_tokens", "must be between 1 and 4096")
         _check(0 <= self.gate_max_contexts <= 1000, "learner.gate_max_contexts", "must be between 0 and 1000")
+        _check(self.gate_max_contexts < self.gate_answers <= self.gate_max_contexts + 24, "learner.gate_answers",
+               "must exceed gate_max_contexts (probe prompts measure drift) by at most the 24 probe prompts")
         _check(0.0 <= self.gate_max_degenerate_increase <= 1.0, "learner.gate_max_degenerate_increase", "must be in [0, 1]")
         _check(1 <= self.gate_min_degenerate_answers <= 1000, "learner.gate_min_degenerate_answers", "must be between 1 and 1000")
         _check(1 <= self.gate_min_heldout <= 1000, "learner.gate_min_heldout", "must be between 1 and 1000")

@@ -1,6 +1,10 @@
 """Pieces of the engine's batched generation: a request row, a streamer that feeds each row its
 own tokens, per-row stopping, and LoRA for a batch whose rows use different adapters.
 
+One adapter for every row, unmerged (``OneAdapter``): a forward hook on each
+LoRA layer adds ``s·B(Ax)`` to the frozen base layer's output. Switching users
+is pointing the hooks at another adapter's weights: no weight is rewritten.
+
 Mixed adapters: peft's ``adapter_names`` path loops over the adapters in every
 layer (a few small matmuls and index copies each). Here every LoRA layer gets a
 forward hook that adds ``B_i (A_i x_i)`` for all rows at once with two batched
@@ -118,6 +122,43 @@ def vanilla(layer, key: str) -> bool:
     return (type(layer).__name__ == "Linear" and key not in getattr(layer, "lora_variant", {})
             and not getattr(layer, "lora_bias", {}).get(key, False) and not getattr(layer, "fan_in_fan_out", False)
             and isinstance(layer.lora_A[key], torch.nn.Linear))
+
+
+class OneAdapter:
+    """Forward hooks that add one adapter's LoRA to every layer it has, unmerged; ``use(key)`` switches."""
+
+    def __init__(self) -> None:
+        self._handles: dict = {}  # LoRA layer -> hook handle
+        self._weights: dict[str, dict] = {}  # adapter key -> {layer: (A, B, scale)}
+        self._active: dict = {}
+
+    def add(self, key: str, layers) -> None:
+        """Know ``key``'s weights (its vanilla LoRA layers) and hook any layer not hooked yet."""
+        self._weights[key] = {m: (m.lora_A[key].weight, m.lora_B[key].weight, m.scaling[key]) for m in layers if key in m.lora_A}
+        for m in self._weights[key]:
+            if m not in self._handles:
+                self._handles[m] = m.register_forward_hook(self._hook)
+
+    def forget(self, key: str) -> None:
+        if self._active is self._weights.get(key):
+            self._active = {}
+        self._weights.pop(key, None)
+
+    def use(self, key: str | None) -> None:
+        self._active = self._weights[key] if key is not None else {}
+
+    @property
+    def active(self) -> bool:
+        return bool(self._active)
+
+    def _hook(self, module, args, output):
+        w = self._active.get(module)
+        if w is None:
+            return output
+        import torch.nn.functional as F
+
+        a, b, scale = w
+        return output + F.linear(F.linear(args[0].to(a.dtype), a) * scale, b).to(output.dtype)
 
 
 def _stacks(layer, keys: list[str | None]):

@@ -14,11 +14,23 @@ on the user's held-out contexts plus a fixed set of probe prompts:
   likelihood a little even while answers improve (likelihood displacement), and a
   user's held-out set is a handful of pairs; it catches a candidate that forgot
   the user's preferences, not one that expresses them in its own words.
+
+The gate answers a fixed number of contexts (``gate_answers``): the user's
+held-out ones first, probe prompts for the rest, so it costs the same for a
+user with 5 held-out answers or 500. A candidate's answers are written into its
+folder (``gate_answers.json``) before it is renamed into place; once promoted
+they are the active adapter's answers, so the next run generates only the
+active adapter's answers to contexts that are new since (the base model's are
+kept in the adapters folder, shared by every user still on it).
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
 from dataclasses import replace
+from pathlib import Path
 from typing import Callable
 
 from heed.config import HeedConfig
@@ -43,7 +55,61 @@ PROBES = [
     "What does a librarian do?",
     "How do I say thank you to a neighbour who helped me?",
     "Why does the moon change shape?",
+    "What is a simple way to start saving money?",
+    "How do bees make honey?",
+    "What can I cook with rice, eggs and spinach?",
+    "How do I keep my phone battery healthy?",
+    "Why do some birds fly south for the winter?",
+    "What is a polite way to end a phone call?",
+    "How do I choose a good book to read?",
+    "What makes bread rise?",
 ]
+ANSWERS_FILE = "gate_answers.json"
+BASE_ANSWERS_FILE = "base_gate_answers.json"
+_BASE_CACHE_LIMIT = 512
+
+
+def judged_contexts(heldout: list[dict], *, max_heldout: int, total: int) -> tuple[list[list[dict]], int]:
+    """(contexts, how many of them are the user's): held-out contexts first, probe prompts to ``total``."""
+    own = _unique_prompts(heldout, min(max_heldout, total))
+    probes = [[{"role": "user", "content": q}] for q in PROBES[:max(total - len(own), 0)]]
+    return own + probes, len(own)
+
+
+def _settings_key(config: HeedConfig) -> str:
+    """What an answer depends on besides the adapter and the context: a change makes old answers stale."""
+    g, m = config.generation, config.model
+    return hashlib.sha256(json.dumps([m.name_or_path, m.dtype, m.device, g.system_prompt, g.repetition_penalty,
+                                      g.max_context_tokens, config.learner.gate_max_new_tokens]).encode()).hexdigest()[:16]
+
+
+def _context_key(chat: list[dict]) -> str:
+    return hashlib.sha256(json.dumps(chat, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def _read_answers(path: Path, key: str) -> dict:
+    """{context key: [text, finished]} kept at ``path`` for these settings; {} when absent, stale or unreadable."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        log.warning("gate: ignoring unreadable answer cache %s: %s", path, exc)
+        return {}
+    if not isinstance(data, dict) or data.get("settings") != key or not isinstance(data.get("answers"), dict):
+        return {}
+    return {k: v for k, v in data["answers"].items() if isinstance(v, list) and len(v) == 2}
+
+
+def _write_answers(path: Path, key: str, answers: dict) -> None:
+    """Atomically: a reader sees the old file or the new one, never half of it."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps({"settings": key, "answers": answers}), encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as exc:  # a cache: the next run regenerates what it cannot read
+        log.warning("gate: could not keep answers in %s: %s", path, exc)
+        tmp.unlink(missing_ok=True)
 
 
 def sequence_ids(tokenizer, messages: list[dict], answer: str) -> tuple[list[int], int]:
@@ -119,28 +185,45 @@ def _evaluate(config: HeedConfig, *, candidate_dir: str, active_dir: str | None,
     act = AdapterRef("active", active_dir) if active_dir else None
     system = {"role": "system", "content": config.generation.system_prompt}
 
-    contexts = _unique_prompts(heldout, lc.gate_max_contexts) + [[{"role": "user", "content": q}] for q in PROBES]
+    contexts, n_own = judged_contexts(heldout, max_heldout=lc.gate_max_contexts, total=lc.gate_answers)
     chats = [[system, *c] for c in contexts]
-    batches = [chats[i:i + 8] for i in range(0, len(chats), 8)]
+    keys = [_context_key(c) for c in chats]
+    settings = _settings_key(config)
+    act_file = Path(active_dir) / ANSWERS_FILE if active_dir else config.adapters_path / BASE_ANSWERS_FILE
+    act_known = _read_answers(act_file, settings)
+    act_missing = [i for i, k in enumerate(keys) if k not in act_known]
+    n_batches = -(-len(chats) // 8) + -(-len(act_missing) // 8)
     done = [0]
 
-    def answers(ref):
-        out = []
-        for b in batches:
-            out += engine.generate_batch(b, adapters=[ref] * len(b), with_finish=True)
+    def answers(ref, which: list[int]) -> dict[int, tuple[str, bool]]:
+        out: dict[int, tuple[str, bool]] = {}
+        for i in range(0, len(which), 8):
+            part = which[i:i + 8]
+            got = engine.generate_batch([chats[j] for j in part], adapters=[ref] * len(part), with_finish=True)
+            out.update(zip(part, got))
             done[0] += 1
             if progress:
-                progress("gate", 0.9 * done[0] / (2 * len(batches)))
+                progress("gate", 0.9 * done[0] / max(n_batches, 1))
         return out
 
-    cand_out, act_out = answers(cand), answers(act)
+    cand_new = answers(cand, list(range(len(chats))))
+    cand_out = [cand_new[i] for i in range(len(chats))]
+    act_new = answers(act, act_missing)
+    act_out = [act_new[i] if i in act_new else tuple(act_known[keys[i]]) for i in range(len(chats))]
+    _write_answers(Path(candidate_dir) / ANSWERS_FILE, settings, dict(zip(keys, map(list, cand_out))))
+    if act_new and not active_dir:
+        # The base model's answers are shared by every user still on it: bounded, the newest kept. (A version
+        # folder is never written after its run: its file holds what it answered as a candidate.)
+        kept = {**act_known, **{keys[i]: list(a) for i, a in act_new.items()}}
+        act_file.parent.mkdir(parents=True, exist_ok=True)
+        _write_answers(act_file, settings, dict(list(kept.items())[-_BASE_CACHE_LIMIT:]))
     deg_c, cut_c, why_c = _judge(cand_out, contexts)
     deg_a, cut_a, _ = _judge(act_out, contexts)
 
     with torch.inference_mode():
         # Drift: KL(candidate || base) per token on the candidate's own probe answers.
         kls = []
-        for chat, (text, _) in list(zip(chats, cand_out))[-len(PROBES):]:
+        for chat, (text, _) in list(zip(chats, cand_out))[n_own:]:
             if not text.strip():
                 continue
             ids, start = sequence_ids(tokenizer, chat, text)
@@ -197,6 +280,8 @@ def _evaluate(config: HeedConfig, *, candidate_dir: str, active_dir: str | None,
         "promote": not reasons,
         "reasons": reasons,
         "n_contexts": len(contexts),
+        "n_heldout_contexts": n_own,
+        "active_answers_generated": len(act_new),
         "degenerate_candidate": deg_c,
         "degenerate_active": deg_a,
         "cutoff_candidate": cut_c,

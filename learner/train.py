@@ -121,6 +121,25 @@ def as_kto(pairs: list[dict]) -> list[dict]:
     return out
 
 
+def kto_weights(n_desirable: int, n_undesirable: int, *, balance: bool) -> dict:
+    """KTOConfig's desirable/undesirable weights: KTO's guidance is weight x count equal for both labels.
+
+    With one label absent trl still checks the balance, counting the absent label
+    as one example; its weight then weighs no example, so it is set to pass the
+    check instead of warning about a balance no weight could fix.
+    """
+    nd, nu = n_desirable, n_undesirable
+    if not balance:
+        return {}
+    if nd and nu:
+        return {"desirable_weight": max(1.0, nu / nd), "undesirable_weight": max(1.0, nd / nu)}
+    if nd > 1:
+        return {"desirable_weight": 1.0, "undesirable_weight": float(nd)}
+    if nu > 1:
+        return {"desirable_weight": float(nu), "undesirable_weight": 1.0}
+    return {}
+
+
 def untrainable(config: HeedConfig, dpo_pairs: list[dict], kto_examples: list[dict]) -> str | None:
     """Why these examples cannot train a run (None when they can), by the same rules ``train_adapter`` applies."""
     if config.learner.paired_loss == "dpo" and dpo_pairs:
@@ -310,10 +329,7 @@ def _train(config: HeedConfig, *, init_adapter: str | None, dpo_pairs: list[dict
         else:
             nd = sum(r["label"] for r in data)
             nu = len(data) - nd
-            weights = {}
-            if lc.kto_weight_balance and nd and nu:
-                # KTO's guidance: desirable_weight * n_desirable ~= undesirable_weight * n_undesirable.
-                weights = {"desirable_weight": max(1.0, nu / nd), "undesirable_weight": max(1.0, nd / nu)}
+            weights = kto_weights(nd, nu, balance=lc.kto_weight_balance)
             args = KTOConfig(**common, **weights)
             trainer = KTOTrainer(model=model, args=args, train_dataset=Dataset.from_list(data), processing_class=tokenizer, callbacks=[cb])
         _fix_reference(trainer.model, lc.reference, initial)

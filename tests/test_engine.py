@@ -1,4 +1,5 @@
-"""The engine: adapter cache, per-request adapters, merged fast path, mixed batches, the request queue."""
+"""The engine: adapter cache, per-request adapters, both single-adapter paths (unmerged hooks, merged
+weights), mixed batches, the request queue. Every test runs in both serving modes."""
 from __future__ import annotations
 
 import threading
@@ -24,12 +25,12 @@ def _make_adapter(config, out, seed: int, targets=("q_proj", "k_proj", "v_proj",
     return AdapterRef(f"user{seed}", str(out))
 
 
-@pytest.fixture(scope="module")
-def world(tiny_model_path, tmp_path_factory):
+@pytest.fixture(scope="module", params=["unmerged", "merged"])
+def world(request, tiny_model_path, tmp_path_factory):
     from heed.engine import Engine
 
     root = tmp_path_factory.mktemp("engine")
-    config = make_config(root, tiny_model_path, model={"max_cached_adapters": 3, "batch_window_ms": 50})
+    config = make_config(root, tiny_model_path, model={"max_cached_adapters": 3, "batch_window_ms": 50, "adapter_serving": request.param})
     adapters = [_make_adapter(config, root / f"a{i}", i) for i in (0, 4, 5)]  # seeds whose answers differ
     return config, Engine.load(config), adapters
 
@@ -57,7 +58,7 @@ def test_an_adapter_changes_the_answer_and_the_base_comes_back_bit_identical(wor
     assert engine.generate(ASK) == base_text
 
 
-def test_the_merged_fast_path_computes_what_peft_computes(world):
+def test_the_single_adapter_path_computes_what_peft_computes(world):
     import torch
     from peft import PeftModel
 
@@ -66,13 +67,31 @@ def test_the_merged_fast_path_computes_what_peft_computes(world):
     config, engine, (a, _, _) = world
     ids = engine.prompt_ids(ASK)
     engine.activate(a)
-    merged = _logits(engine, ids)
+    served = _logits(engine, ids)
     engine.activate(None)
     model, _ = load_base(config)
     reference = PeftModel.from_pretrained(model, a.path)
     with torch.inference_mode():
         expected = reference(input_ids=torch.tensor([ids])).logits
-    assert torch.allclose(merged, expected, atol=1e-5)
+    assert torch.allclose(served, expected, atol=1e-5)
+
+
+def test_switching_users_never_writes_a_base_weight(world):
+    import torch
+
+    config, engine, (a, b, _) = world
+    engine.activate(None)
+    params = {n: (p, p.detach().clone()) for n, p in engine.base.named_parameters() if "lora_" not in n}
+    for ref in (a, b, a, None, b):
+        engine.activate(ref)
+    engine.activate(None)
+    now = dict(engine.base.named_parameters())
+    assert all(now[n] is p and torch.equal(p, copy) for n, (p, copy) in params.items())
+    if engine.serving == "unmerged":
+        # Unmerged, a switch only repoints the hooks: the base weights stay in place while adapted too.
+        engine.activate(a)
+        assert all(dict(engine.base.named_parameters())[n] is p for n, (p, _) in params.items())
+        engine.activate(None)
 
 
 def test_a_mixed_batch_gives_every_row_its_own_adapter(world):
@@ -130,7 +149,7 @@ def test_the_adapter_cache_evicts_the_least_recently_used(world, tmp_path):
     assert b.key in engine.cached_adapters and len(engine.cached_adapters) == 3
 
 
-def test_merging_a_lora_on_a_tied_weight_leaves_the_embeddings_alone(world, tmp_path):
+def test_a_lora_on_a_tied_weight_leaves_the_embeddings_alone(world, tmp_path):
     import torch
 
     from heed.engine import Engine
@@ -140,11 +159,16 @@ def test_merging_a_lora_on_a_tied_weight_leaves_the_embeddings_alone(world, tmp_
     tied = _make_adapter(config, tmp_path / "tied", 3, targets=("lm_head",))
     emb = engine.base.get_input_embeddings().weight
     before = emb.detach().clone()
+    ids = engine.prompt_ids(ASK)
+    base_logits = _logits(engine, ids)
     engine.activate(tied)
     assert torch.equal(engine.base.get_input_embeddings().weight, before)
-    assert not torch.equal(engine.base.get_output_embeddings().weight, before)
+    assert not torch.equal(_logits(engine, ids), base_logits)
+    if engine.serving == "merged":
+        assert not torch.equal(engine.base.get_output_embeddings().weight, before)
     engine.activate(None)
     assert engine.base.get_output_embeddings().weight is emb
+    assert torch.equal(_logits(engine, ids), base_logits)
 
 
 def test_a_missing_adapter_is_a_clear_error_and_the_engine_keeps_serving(world, tmp_path):

@@ -9,6 +9,7 @@ from learner.gate import evaluate
 from learner.run import learn_user
 
 GOOD = "Brief answers are good. Thanks for asking."
+AGAIN = "Brief answers are good. Thank you for asking."  # an edit must change what the trained adapter says
 
 
 @pytest.fixture
@@ -81,3 +82,27 @@ def test_an_echo_of_the_question_is_degenerate():
     question = "please tell me how long it takes to boil an egg"
     assert degeneration("Tell me how long it takes to boil an egg", prompt=question) == "echo"
     assert degeneration("About nine minutes for a hard-boiled egg.", prompt=question) is None
+
+
+def test_the_gate_answers_as_many_contexts_whatever_the_history(trained):
+    h, uid, first = trained
+    n = h.config.learner.gate_answers
+    assert first["gate"]["n_contexts"] == n
+    edit_answers(h, uid, [AGAIN] * 12, questions=[f"another question {i}" for i in range(12)])
+    second = learn_user(h.config, h.store, user_id=uid)
+    assert second["gate"]["n_contexts"] == n
+    assert second["gate"]["n_heldout_contexts"] > first["gate"]["n_heldout_contexts"]  # more held-out, fewer probes
+
+
+def test_the_gate_generates_only_what_the_active_adapter_has_not_answered_yet(trained):
+    h, uid, first = trained
+    # alice's first run answered every context with the base model: a new user's first run reuses the probes.
+    bob = h.add_user("bob", "pw")
+    edit_answers(h, bob, [GOOD] * 12, questions=[f"bob asks {i}" for i in range(12)])
+    bobs = learn_user(h.config, h.store, user_id=bob)
+    assert bobs["gate"]["active_answers_generated"] == bobs["gate"]["n_heldout_contexts"]
+    # alice's v1 answered the probes and her held-out contexts as a candidate: only her new held-out ones are left.
+    edit_answers(h, uid, [AGAIN] * 12, questions=[f"another question {i}" for i in range(12)])
+    second = learn_user(h.config, h.store, user_id=uid)
+    new_contexts = second["gate"]["n_heldout_contexts"] - first["gate"]["n_heldout_contexts"]
+    assert 0 < second["gate"]["active_answers_generated"] <= new_contexts

@@ -253,6 +253,23 @@ def test_unpaired_thumbs_train_with_kto(tmp_path, tiny_model_path):
     assert m["dpo_rows"] == 0 and m["kto_rows"] >= 2 and m["kto_steps"] > 0 and m["phases"] == ["kto"]
 
 
+def test_a_kto_pass_of_only_good_answers_trains_without_trls_balance_warning(tmp_path, tiny_model_path, caplog):
+    import logging
+
+    config = learner_config(tmp_path, tiny_model_path, heldout_fraction=0.0, gate_enabled=False)
+    config.generation.do_sample = True
+    h = service(config)
+    uid = h.add_user("alice", "pw")
+    for i in range(3):
+        _, mid = ask(h, uid, f"question {i}")
+        h.thumb(uid, mid, True)
+    with caplog.at_level(logging.WARNING):
+        assert learn(h, uid)["status"] == "promoted"
+    m = h.store.list_runs(user_id=uid)[0]["metrics"]
+    assert m["kto_rows"] == 3 and m["kto_steps"] > 0
+    assert not [r for r in caplog.records if "ideal range" in r.getMessage()]
+
+
 def test_kto_trains_before_dpo_so_the_sft_anchored_pass_comes_last(tmp_path, tiny_model_path):
     config = learner_config(tmp_path, tiny_model_path, heldout_fraction=0.0)
     config.generation.do_sample = True

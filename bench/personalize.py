@@ -242,7 +242,7 @@ class Run:
             self.round(cp, tracks)
         for t in tracks:
             rec = self.results["tracks"][t.key]
-            rec.update(chats=t.sim.log.chats, picks_tied=t.sim.log.picks_tied,
+            rec.update(chats=t.sim.log.chats, picks_tied=t.sim.log.picks_tied, edits_refused=t.sim.log.edits_refused,
                        corrections_followed_in_session=[c["followed"] for c in t.sim.log.corrections])
         if self.bench.interactivity_prompts:
             alls = [t for t in tracks if t.kind == "all"]

@@ -11,6 +11,10 @@ better of two answers.
 The shipped personas change different parts of an answer (length, layout, the
 end, the start, the sign-off) so one persona's adapter leaves the others'
 judges where the base model had them: that is what the isolation matrix checks.
+An edit changes only what its persona cares about: only *brief* shortens; the
+others keep the reply (``kept``: as it was when it ended cleanly, else its
+sound sentences) and add their question, summary line or sign-off, the way a
+person fixes one thing in an answer and leaves the rest.
 """
 from __future__ import annotations
 
@@ -82,7 +86,10 @@ def take(text: str, *, min_words: int, max_words: int, look: int = 6, drop=None)
     """Whole leading sentences of ``text`` (skipping ones that do not fit, and ones ``drop`` rejects)
     totalling at least ``min_words`` words when there are enough, never more than ``max_words``.
     Empty when the reply has nothing worth keeping."""
-    candidates = [c for c in sentences(text) if not (drop and drop(c))][:look]
+    sents = sentences(text)
+    if sents and text.rstrip()[-1:] not in ".!?)\"'*":
+        sents = sents[:-1]  # the reply was cut off mid-sentence: a person deletes the broken tail
+    candidates = [c for c in sents if not (drop and drop(c))][:look]
     picked: list[str] = []
     total = 0
     for s in candidates:
@@ -95,6 +102,25 @@ def take(text: str, *, min_words: int, max_words: int, look: int = 6, drop=None)
     if not picked and candidates:
         picked = [shorten(candidates[0], max_words)]
     return picked
+
+
+# What a person keeps of a reply they add to: about as long as the model's own answers (the system prompt asks
+# for under 100 words), so an edit teaches the persona's change and not a length.
+KEEP_WORDS = 110
+
+
+def _ends_cleanly(text: str) -> bool:
+    return bool(text) and text[-1] in ".!?)\"'*" and degeneration(text) is None
+
+
+def kept(text: str, *, max_words: int = KEEP_WORDS, drop=None) -> str:
+    """The reply as a person leaves it when they only add to it: verbatim when it ended cleanly, loops
+    nowhere and fits ``max_words`` (and ``drop`` rejects none of its sentences); else its sound leading
+    sentences up to ``max_words``. Empty when nothing is worth keeping."""
+    t = text.strip()
+    if _ends_cleanly(t) and words(t) <= max_words and not (drop and any(drop(x) for x in sentences(t))):
+        return t
+    return " ".join(take(t, min_words=max_words, max_words=max_words, look=12, drop=drop))
 
 
 _STOP = set(
@@ -155,7 +181,9 @@ def _brief_judge(text: str) -> bool:
 
 
 def _brief_edit(text: str, prompt: str) -> str | None:
-    return " ".join(take(text, min_words=8, max_words=24)) or None
+    # A person cutting an answer down keeps the sentences that answer the question, not an opener like
+    # "A great place to begin your journey!" that happens to come first.
+    return " ".join(take(text, min_words=8, max_words=24, drop=lambda s: not on_topic(s, prompt))) or None
 
 
 # -- bullets: at least two lines starting "- " ------------------------------------------
@@ -169,12 +197,12 @@ def _bullets_judge(text: str) -> bool:
 
 def _bullets_edit(text: str, prompt: str) -> str | None:
     # Full sentences as bullets keep the answer's length: bullets, not brevity.
-    picked = take(text, min_words=36, max_words=70)
+    picked = take(text, min_words=KEEP_WORDS, max_words=KEEP_WORDS, look=12)
     if len(picked) < 2:
         picked = [p.strip() for s in picked for p in re.split(r",\s+|;\s+", s) if words(p) >= 3]
     if len(picked) < 2:
         return None
-    lines = [p[0].upper() + p[1:] for p in picked[:5]]
+    lines = [p[0].upper() + p[1:] for p in picked[:8]]
     return "\n".join(f"- {line if line[-1] in '.!?' else line + '.'}" for line in lines)
 
 
@@ -194,8 +222,8 @@ def _asks_judge(text: str) -> bool:
 
 def _asks_edit(text: str, prompt: str) -> str | None:
     # Questions already in the reply stay out of the body: the one question goes at the end.
-    body = " ".join(take(text, min_words=36, max_words=60, drop=lambda s: s.endswith("?")))
-    return f"{body} {_pick(FOLLOW_UPS, prompt)}" if body else None
+    body = kept(text, drop=lambda s: s.endswith("?"))
+    return f"{body}\n\n{_pick(FOLLOW_UPS, prompt)}" if body else None
 
 
 def _asks_score(text: str) -> float:
@@ -209,16 +237,11 @@ def _in_short_judge(text: str) -> bool:
 
 
 def _in_short_edit(text: str, prompt: str) -> str | None:
-    sents = take(text, min_words=40, max_words=64, drop=lambda s: s.lower().startswith("in short"))
+    # The reply's opening sentence becomes the summary line; the rest of the answer stays below it.
+    sents = take(text, min_words=KEEP_WORDS, max_words=KEEP_WORDS, look=12, drop=lambda s: s.lower().startswith("in short"))
     if not sents:
         return None
-    short = [x for x in sents if words(x) <= 20]
-    if short:
-        summary = short[0]
-        rest = [x for x in sents if x is not summary]
-    else:
-        summary, rest = shorten(sents[0], 20), sents[1:]
-    body = " ".join(rest)
+    summary, body = shorten(sents[0], 20), " ".join(sents[1:])
     return f"In short: {summary[0].lower() + summary[1:]}" + (f"\n\n{body}" if body else "")
 
 
@@ -236,7 +259,7 @@ def _signs_off_judge(text: str) -> bool:
 
 
 def _signs_off_edit(text: str, prompt: str) -> str | None:
-    body = " ".join(take(text, min_words=36, max_words=60, drop=lambda s: "hope this helps" in s.lower()))
+    body = kept(text, drop=lambda s: "hope this helps" in s.lower())
     return f"{body}\n\n{SIGN_OFF}" if body else None
 
 

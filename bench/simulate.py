@@ -22,6 +22,7 @@ class Log:
     accepted_when_chatting: int = 0
     corrections: list = field(default_factory=list)  # (prompt, followed in session?)
     picks_tied: int = 0
+    edits_refused: int = 0  # rewrites the persona's own check refused (they became thumbs down)
 
     @property
     def total(self) -> int:
@@ -132,8 +133,12 @@ class SimulatedUser:
 
     def _fix(self, message_id: int, text: str, prompt: str) -> None:
         """Edit the answer into one the persona accepts; an answer with nothing worth keeping gets a
-        thumbs down instead (an edits-only user just moves on)."""
+        thumbs down instead (an edits-only user just moves on). Nobody saves an edit they would reject
+        themselves: a rewrite the persona's own check refuses counts as nothing worth keeping."""
         new = self.persona.edit(text, prompt)
+        if new and not self.accepts(new, prompt):
+            self.log.edits_refused += 1
+            new = None
         if new and new.strip() != text.strip():
             self.heed.edit(self.user_id, message_id, new)
             self._count("edit")

@@ -100,3 +100,39 @@ def test_edits_never_carry_boilerplate_from_earlier_edits():
     assert signs.lower().count("hope this helps") == 1
     short = get("in_short").edit("In short: boil it six minutes. " + ANSWERS[0][1], ANSWERS[0][0])
     assert short.lower().count("in short") == 1
+
+
+def test_a_brief_edit_keeps_the_sentences_that_answer_the_question():
+    prompt = "How do I remove a splinter?"
+    answer = ("A great place to begin your journey of self-discovery! Use clean tweezers to pull the splinter out "
+              "along the angle it went in. Wash the area with soap and water afterwards, then cover it.")
+    edited = get("brief").edit(answer, prompt)
+    assert "journey" not in edited and "splinter" in edited
+    assert get("brief").accepts(edited, prompt=prompt)
+
+
+def test_a_rewrite_its_persona_would_refuse_is_never_saved_as_an_edit(heed):
+    from bench.personas import Persona
+    from bench.simulate import SimulatedUser
+
+    picky = Persona("picky", "accepts nothing", judge=lambda t: False, edit=lambda t, p: "A rewrite it does not like either.",
+                    correction="", score=lambda t: 0.0, mix={"edit": 1.0}, wants_an_answer=False)
+    sim = SimulatedUser(heed, picky, track="all", prompts=["What is water?"], seed=0)
+    sim.give_feedback(1)
+    assert sim.log.events["edit"] == 0 and sim.log.events["thumb"] == 1 and sim.log.edits_refused == 1
+    assert [f["kind"] for f in heed.store.list_feedback(user_id=sim.user_id)] == ["thumb"]
+
+
+def test_only_brief_shortens_the_others_keep_the_answer_and_add_their_part():
+    from bench.personas import words
+
+    prompt, answer = ANSWERS[1]  # ends cleanly, no loops: kept as it is
+    assert get("signs_off").edit(answer, prompt) == answer + "\n\nHope this helps!"
+    assert get("asks_back").edit(answer, prompt).startswith(answer + "\n\n")
+    for name in ("bullets", "in_short"):
+        assert words(get(name).edit(answer, prompt)) >= 0.8 * words(answer), name
+    assert words(get("brief").edit(answer, prompt)) <= 30
+    # A cut-off reply loses its broken tail, nothing else.
+    prompt, answer = ANSWERS[0]
+    signed = get("signs_off").edit(answer, prompt)
+    assert "but that" not in signed and "Peel it under running water" in signed

@@ -48,6 +48,11 @@ def personalize_md(res: dict, *, images: dict[str, str]) -> str:
         "own LoRA, the promotion gate included) after " + ", ".join(map(str, b.get("checkpoints", []))) + " events, continuing the same adapter. Held-out "
         "prompts are never chatted about; their answers are generated greedily with the adapter a new session would get.",
         "",
+        "An edit changes only what its persona wants (`bench/personas.py`): *brief* cuts the reply to the sentences that "
+        "answer the question (at most 30 words); the others keep the reply (its broken tail, if cut off, deleted) and add "
+        "their list layout, closing question, summary line or sign-off. A rewrite the persona's own check would refuse is "
+        "never saved: the user votes the answer down instead.",
+        "",
         *_settings(res),
         QUALITY_CHECK,
         "",

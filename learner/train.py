@@ -189,6 +189,29 @@ def _fix_reference(model, reference: str, initial: dict) -> None:
             model.get_parameter(name.replace(".default.", ".ref.")).copy_(value)
 
 
+def precompute_reference(trainer) -> None:
+    """Score every DPO row under the reference once, before training, instead of once per step.
+
+    The reference is fixed (the base with the adapter disabled, or the frozen
+    copy ``_fix_reference`` set up), so every epoch would recompute the same
+    numbers; trl's own ``precompute_ref_log_probs`` runs inside the trainer's
+    constructor, before the reference is set to what ``learner.reference`` asks.
+    """
+    import torch
+
+    ds, bs = trainer.train_dataset, trainer.args.per_device_train_batch_size
+    device = trainer.accelerator.device
+    chosen, rejected = [], []
+    for i in range(0, len(ds), bs):
+        batch = trainer.data_collator([ds[j] for j in range(i, min(i + bs, len(ds)))])
+        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        c, r = trainer.compute_ref_log_probs(trainer.model, batch)
+        chosen += c.float().cpu().tolist()
+        rejected += r.float().cpu().tolist()
+    trainer.train_dataset = ds.add_column("ref_chosen_logps", chosen).add_column("ref_rejected_logps", rejected)
+    trainer.precompute_ref_logps = True
+
+
 def _callback(progress: Progress | None, keepalive: Callable[[], bool] | None, done_before: int, total: int):
     from transformers import TrainerCallback
 
@@ -333,6 +356,8 @@ def _train(config: HeedConfig, *, init_adapter: str | None, dpo_pairs: list[dict
             args = KTOConfig(**common, **weights)
             trainer = KTOTrainer(model=model, args=args, train_dataset=Dataset.from_list(data), processing_class=tokenizer, callbacks=[cb])
         _fix_reference(trainer.model, lc.reference, initial)
+        if phase == "dpo" and lc.precompute_reference:
+            precompute_reference(trainer)
         result = _quiet(trainer).train()
         if cb.lost:
             raise LeaseLost("another run took this user's lease while training; nothing promoted")

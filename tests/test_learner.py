@@ -381,3 +381,23 @@ def test_a_small_run_still_takes_min_steps_optimizer_steps(h):
     assert learn(h, uid)["status"] == "promoted"
     m = h.store.list_runs(user_id=uid)[0]["metrics"]
     assert m["dpo_rows"] <= 2 and m["dpo_steps"] == 6
+
+
+@pytest.mark.parametrize("reference", ["base", "previous"])
+def test_scoring_the_reference_once_before_training_changes_no_number(tmp_path, tiny_model_path, reference):
+    from dataclasses import replace
+
+    from learner.train import train_adapter
+
+    config = learner_config(tmp_path, tiny_model_path, epochs=3, batch_size=2, reference=reference)
+    pairs = [{"prompt": [{"role": "user", "content": f"question {i}"}], "chosen": f"A good answer {i}.",
+              "rejected": f"bad bad {i}", "weight": 1.0} for i in range(5)]
+    first = train_adapter(config, init_adapter=None, dpo_pairs=pairs, kto_examples=[], out_dir=tmp_path / "v1")
+    losses = {}
+    for pre in (False, True):
+        c = replace(config, learner=replace(config.learner, precompute_reference=pre))
+        # Continuing an adapter: with 'previous' the reference is v1, with 'base' the adapter disabled.
+        m = train_adapter(c, init_adapter=str(tmp_path / "v1"), dpo_pairs=pairs, kto_examples=[], out_dir=tmp_path / f"v2-{pre}")
+        losses[pre] = m["dpo_losses"]
+    assert first["dpo_steps"] > 0 and len(losses[True]) == len(losses[False]) > 3
+    assert losses[True] == pytest.approx(losses[False], abs=1e-5)

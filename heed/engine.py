@@ -1,27 +1,20 @@
 """The engine: one frozen base model, users' LoRA adapters on top, streamed and batched generation.
 
 Adapters are loaded once into a peft multi-adapter model and kept in an LRU
-cache. Requests go through one queue: a worker takes whatever is waiting
-(up to ``model.max_batch``) and answers it in one ``generate`` call, so
-concurrent users share forward passes.
-- One adapter in the batch (the usual single stream), ``model.adapter_serving``:
-  - unmerged (the CPU default): a hook on every LoRA layer adds ``s·B(Ax)`` to
-    the base layer's output (``heed.lora_batch.OneAdapter``). Measured on the
-    embedded model (CPU, fp32, 2 threads) it ran at 1.00x the bare base model's
-    tokens/s, where peft's own unmerged forward ran at 0.89x; switching users
-    only points the hooks at other weights.
-  - merged (the CUDA default): its delta is merged into spare copies of the base
-    weights (``W0 + s·BA``, written into buffers kept for this) and those are
-    swapped in, so an adapted reply runs at the base model's speed with no extra
-    kernels; each switch rewrites every adapted weight (48 ms for the embedded
-    model on that CPU, memory-bound; a fraction of a millisecond on a GPU).
-  Either way the base ``W0`` parameters are never written, so a user without
-  an adapter gets bit-identical base weights.
-- Several adapters in one batch: the base weights stay as they are and each
-  LoRA layer adds ``s_i·B_i A_i x_i`` per row with two batched matmuls
-  (``heed.lora_batch``); rows without an adapter get zeros.
-The merged weights, the hooks and peft's state are global state, so every
-forward pass runs under one lock: two users never see each other's adapter.
+cache. Requests go through one queue: a worker takes whatever is waiting (up
+to ``model.max_batch``) and answers it in one ``generate`` call, so concurrent
+users share forward passes. The base ``W0`` parameters are never written: a
+user without an adapter gets bit-identical base weights.
+- One adapter in the batch, ``model.adapter_serving``: *unmerged* (the CPU
+  default) hooks add ``s·B(Ax)`` to each LoRA layer's output, and switching
+  users only repoints them (embedded model, CPU fp32: 1.00x the bare base
+  model's tokens/s, peft's own unmerged forward 0.89x); *merged* (the CUDA
+  default) writes ``W0 + s·BA`` into spare weight copies swapped in: no extra
+  kernels, but each switch rewrites every adapted weight (48 ms on that CPU).
+- Several adapters in one batch: each LoRA layer adds ``s_i·B_i A_i x_i`` per
+  row with two batched matmuls (``heed.lora_batch``); rows without one get zeros.
+Hooks, merged weights and peft's state are global, so every forward pass runs
+under one lock: two users never see each other's adapter.
 """
 from __future__ import annotations
 
@@ -36,7 +29,7 @@ from pathlib import Path
 from typing import Iterator
 
 from .config import GenerationConfig, HeedConfig, ModelConfig
-from .lora_batch import BatchStreamer, OneAdapter, Row, RowStop, mixed_lora, vanilla
+from .lora_batch import BatchStreamer, MergedAdapter, OneAdapter, Row, RowStop, mixed_lora, vanilla
 
 log = logging.getLogger(__name__)
 
@@ -133,12 +126,11 @@ class Engine:
         self._lock = threading.RLock()
         # Fast tokenizers are not safe to call from several threads at once ("Already borrowed").
         self._tok_lock = threading.Lock()
-        self._originals: dict = {}  # LoRA layer -> its untouched base weight Parameter
-        self._buffers: dict = {}  # LoRA layer -> Parameter that holds W0 + delta while merged
         self._serving_key: str | None = None  # the adapter the model computes with now ('peft:' + key: peft's own forward)
         self.device = next(model.parameters()).device
         self.serving = serving_mode(model_cfg, self.device.type)
         self._one = OneAdapter()
+        self._merged = MergedAdapter()
         self._plain: dict[str, bool] = {}  # adapter key -> every layer plain LoRA (else peft computes it)
         self._pending: deque[Row] = deque()
         self._cv = threading.Condition()
@@ -195,8 +187,7 @@ class Engine:
                 raise AdapterLoadError(f"adapter {ref.key} at {path} could not be loaded: {exc}") from exc
             self.peft.base_model.disable_adapter_layers()
             layers = self._lora_layers()
-            for layer in layers:
-                self._originals.setdefault(layer, layer.get_base_layer().weight)
+            self._merged.know(layers)
             mine = [m for m in layers if ref.key in m.lora_A]
             self._plain[ref.key] = all(vanilla(m, ref.key) for m in mine)
             if self.serving == "unmerged" and self._plain[ref.key]:
@@ -230,14 +221,11 @@ class Engine:
         elif self.serving == "unmerged":
             self._one.use(None)
         else:
-            for layer, weight in self._originals.items():
-                layer.get_base_layer().weight = weight
+            self._merged.restore()
         self._serving_key = None
 
     def _serve_one(self, key: str) -> None:
         """Compute with adapter ``key``: unmerged hooks, or base weights become ``W0 + s·BA`` in reused buffers."""
-        import torch
-
         if self._serving_key in (key, f"peft:{key}"):
             return
         self._restore_base()
@@ -251,17 +239,7 @@ class Engine:
             self._one.use(key)
             self._serving_key = key
             return
-        with torch.no_grad():
-            for layer in [m for m in self._lora_layers() if key in m.lora_A]:
-                base = layer.get_base_layer()
-                w0 = self._originals[layer]
-                buf = self._buffers.get(layer)
-                if buf is None or buf.shape != w0.shape:
-                    buf = self._buffers[layer] = torch.nn.Parameter(torch.empty_like(w0), requires_grad=False)
-                a, b = layer.lora_A[key].weight, layer.lora_B[key].weight
-                torch.addmm(w0, b.to(w0.dtype), a.to(w0.dtype), alpha=layer.scaling[key], out=buf.data)
-                # A new Parameter object, not .data: a tied weight (lm_head/embeddings) must keep its own W0.
-                base.weight = buf
+        self._merged.merge(key, [m for m in self._lora_layers() if key in m.lora_A])
         self._serving_key = key
 
     def activate(self, ref: AdapterRef | None) -> None:

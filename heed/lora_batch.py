@@ -161,6 +161,40 @@ class OneAdapter:
         return output + F.linear(F.linear(args[0].to(a.dtype), a) * scale, b).to(output.dtype)
 
 
+class MergedAdapter:
+    """One adapter folded into spare copies of the base weights (``W0 + s·BA``) that are swapped in.
+
+    ``W0`` is never written: ``restore`` swaps the original Parameters back, so
+    the base model comes back bit-identical.
+    """
+
+    def __init__(self) -> None:
+        self._originals: dict = {}  # LoRA layer -> its untouched base weight Parameter
+        self._buffers: dict = {}  # LoRA layer -> Parameter that holds W0 + delta while merged
+
+    def know(self, layers) -> None:
+        for layer in layers:
+            self._originals.setdefault(layer, layer.get_base_layer().weight)
+
+    def merge(self, key: str, layers) -> None:
+        import torch
+
+        with torch.no_grad():
+            for layer in layers:
+                w0 = self._originals[layer]
+                buf = self._buffers.get(layer)
+                if buf is None or buf.shape != w0.shape:
+                    buf = self._buffers[layer] = torch.nn.Parameter(torch.empty_like(w0), requires_grad=False)
+                a, b = layer.lora_A[key].weight, layer.lora_B[key].weight
+                torch.addmm(w0, b.to(w0.dtype), a.to(w0.dtype), alpha=layer.scaling[key], out=buf.data)
+                # A new Parameter object, not .data: a tied weight (lm_head/embeddings) must keep its own W0.
+                layer.get_base_layer().weight = buf
+
+    def restore(self) -> None:
+        for layer, weight in self._originals.items():
+            layer.get_base_layer().weight = weight
+
+
 def _stacks(layer, keys: list[str | None]):
     """(A, B) with A: (rows, in, r) and B: (rows, r, out), scale folded into B; zeros where a row has no LoRA here."""
     import torch

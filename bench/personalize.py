@@ -140,12 +140,21 @@ class Run:
         self.results: dict = {"model": heed.config.model.name_or_path, "bench": bench.to_dict(), "personas": {}, "tracks": {},
                               "rounds": [], "n_train_prompts": len(self.train), "n_heldout_prompts": len(self.heldout)}
 
-    def save(self) -> None:
+    @property
+    def partial(self) -> Path:
+        """Where a run in progress keeps its figures so far: a killed run leaves the last finished result in place."""
+        return self.out.with_name(self.out.stem + ".partial.json")
+
+    def save(self, *, final: bool = False) -> None:
         self.results["seconds"] = round(time.perf_counter() - self.t0, 1)
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.out.with_suffix(".tmp")
+        self.results["finished"] = final
+        target = self.out if final else self.partial
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.results, indent=1))
-        tmp.replace(self.out)
+        tmp.replace(target)
+        if final:
+            self.partial.unlink(missing_ok=True)
 
     def base(self) -> None:
         self.observer = self.heed.add_user("observer", secrets.token_urlsafe(12))
@@ -276,9 +285,9 @@ def run(config_path: str | None, *, quick: bool, out: Path, bench: BenchConfig, 
         r.learn_all()
         r.results["observer"] = r.observer_check()
         r.results.update(summarize(r.results, bench))
-        r.save()
+        r.results["seconds"] = round(time.perf_counter() - r.t0, 1)
         r.results["targets"] = targets(r.results, r.results, bench)
-        r.save()
+        r.save(final=True)
         from bench.report import write_personalize
 
         write_personalize(r.results, out)

@@ -130,7 +130,8 @@ class OneAdapter:
     def __init__(self) -> None:
         self._handles: dict = {}  # LoRA layer -> hook handle
         self._weights: dict[str, dict] = {}  # adapter key -> {layer: (A, B, scale)}
-        self._active: dict = {}
+        self._active: dict = {}  # layer -> (A, scaled B) of the adapter in use
+        self._active_key: str | None = None
 
     def add(self, key: str, layers) -> None:
         """Know ``key``'s weights (its vanilla LoRA layers) and hook any layer not hooked yet."""
@@ -138,14 +139,25 @@ class OneAdapter:
         for m in self._weights[key]:
             if m not in self._handles:
                 self._handles[m] = m.register_forward_hook(self._hook)
+        if key == self._active_key:  # new weights under the key in use: rescale them
+            self._active_key = None
+            self.use(key)
 
     def forget(self, key: str) -> None:
-        if self._active is self._weights.get(key):
-            self._active = {}
+        if self._active_key == key:
+            self.use(None)
         self._weights.pop(key, None)
 
     def use(self, key: str | None) -> None:
-        self._active = self._weights[key] if key is not None else {}
+        if key == self._active_key and (key is None or self._active):
+            return
+        import torch
+
+        # Only the active adapter's B is kept pre-scaled (one small copy, not one per cached user): a
+        # token then costs two small matmuls and an add per layer; at batch 1 on CPU the op count is the cost.
+        with torch.no_grad():
+            self._active = {m: (a, b * scale) for m, (a, b, scale) in self._weights[key].items()} if key is not None else {}
+        self._active_key = key
 
     @property
     def active(self) -> bool:
@@ -157,8 +169,11 @@ class OneAdapter:
             return output
         import torch.nn.functional as F
 
-        a, b, scale = w
-        return output + F.linear(F.linear(args[0].to(a.dtype), a) * scale, b).to(output.dtype)
+        a, b = w
+        x = args[0]
+        if x.dtype != a.dtype:
+            return output + F.linear(F.linear(x.to(a.dtype), a), b).to(output.dtype)
+        return output + F.linear(F.linear(x, a), b)
 
 
 class MergedAdapter:

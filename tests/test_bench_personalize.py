@@ -24,6 +24,7 @@ def quick(tmp_path_factory):
 def test_quick_run_writes_the_result_keys_other_tools_read(quick):
     res, out = quick
     assert isinstance(res["model"], str) and res["seconds"] > 0
+    assert res["finished"] and not (out.parent / "personalize.partial.json").exists()
     for name, p in res["personas"].items():
         assert set(p) >= {"base", "curve", "degenerate", "others_max_delta"}
         assert set(p["curve"]) == {"0", "4", "8", "16", "32"}
@@ -84,3 +85,22 @@ def test_the_gate_audit_replays_every_adapter_version_of_a_kept_run(quick):
     for r in report["rows"]:
         assert 0.0 <= r["accept"] <= 1.0 and 0.0 <= r["degenerate"] <= 1.0
         assert r["status"] in ("active", "retired", "rejected", "deleted")
+
+
+def test_a_run_that_dies_midway_leaves_the_last_finished_result_in_place(tmp_path, monkeypatch):
+    from bench import personalize
+    from bench.cli import main
+
+    out = tmp_path / "results" / "personalize.json"
+    out.parent.mkdir(parents=True)
+    out.write_text('{"finished": true, "from": "the last full run"}')
+
+    def dies(self):
+        raise RuntimeError("killed after the base measurement")
+
+    monkeypatch.setattr(personalize.Run, "learn_all", dies)
+    with pytest.raises(RuntimeError, match="killed"):
+        main(["personalize", "--quick", "--data-dir", str(tmp_path / "data"), "--out", str(out)])
+    assert json.loads(out.read_text())["from"] == "the last full run"
+    partial = json.loads((out.parent / "personalize.partial.json").read_text())
+    assert partial["finished"] is False and partial["base"]["accept"]

@@ -66,8 +66,35 @@ def server(tmp_path):
 def _settle(page, pause: float = 0.4) -> None:
     """Wait until no event is pending or streaming in the page."""
     time.sleep(pause)
-    page.wait_for_function("!document.querySelector('.generating, .pending')", timeout=30_000)
+    page.wait_for_function("!document.querySelector('.generating, .pending')", timeout=90_000)
     time.sleep(0.3)
+
+
+def _answers_stored(data: Path) -> int:
+    import sqlite3
+
+    with sqlite3.connect(f"file:{data / 'heed.db'}?mode=ro", uri=True) as db:
+        return db.execute("SELECT COUNT(*) FROM messages WHERE role = 'assistant'").fetchone()[0]
+
+
+def _await_answer(page, data: Path, stored: int) -> None:
+    """Wait until an answer beyond the ``stored`` ones is in the store, then until the page settles.
+
+    Under load a click can land while a reply still streams, and an answer that is not stored yet
+    cannot take a vote or be picked: the store, not a pause, says when an answer is done.
+    """
+    deadline = time.monotonic() + 90
+    while _answers_stored(data) <= stored:
+        assert time.monotonic() < deadline, "the answer was never stored"
+        time.sleep(0.2)
+    _settle(page, 1.0)
+
+
+def _send(page, box, text: str, data: Path) -> None:
+    stored = _answers_stored(data)
+    box.fill(text)
+    box.press("Enter")
+    _await_answer(page, data, stored)
 
 
 def test_feedback_of_every_kind_through_the_browser_lands_in_the_store(server):
@@ -82,6 +109,7 @@ def test_feedback_of_every_kind_through_the_browser_lands_in_the_store(server):
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
         page = browser.new_page(viewport={"width": 1360, "height": 900})
+        page.set_default_timeout(90_000)  # CI machines are shared: a loaded one answers in seconds, not milliseconds
         errors: list[str] = []
         page.on("pageerror", lambda e: errors.append(str(e)))
         page.goto(url)
@@ -95,9 +123,7 @@ def test_feedback_of_every_kind_through_the_browser_lands_in_the_store(server):
         chat = page.locator("#heed-chat")
         box = page.locator("#heed-msg textarea")
 
-        box.fill("What is water?")
-        box.press("Enter")
-        _settle(page, 1.0)
+        _send(page, box, "What is water?", data)
         chat.get_by_role("button", name="Dislike").last.click()
         _settle(page)
         page.locator("#heed-reasons").get_by_label("Too long").check()
@@ -111,9 +137,7 @@ def test_feedback_of_every_kind_through_the_browser_lands_in_the_store(server):
         _settle(page)
         assert chat.locator("strong", has_text="H2O").count() == 1, "the edited answer is shown, as Markdown"
 
-        box.fill('And ice? <img src=x onerror="window.__pwned=1"><script>window.__pwned=2</script>')
-        box.press("Enter")
-        _settle(page, 1.0)
+        _send(page, box, 'And ice? <img src=x onerror="window.__pwned=1"><script>window.__pwned=2</script>', data)
         assert "<img src=x" in chat.inner_text(), "HTML in a message is shown as text"
         assert page.evaluate("window.__pwned") is None, "and never runs"
 
@@ -125,18 +149,21 @@ def test_feedback_of_every_kind_through_the_browser_lands_in_the_store(server):
         _settle(page)
         page.get_by_label("Tell Heed what to change in answer 2").fill("shorter please")
         page.get_by_label("Remember this for future chats").check()
+        stored = _answers_stored(data)
         page.get_by_role("button", name="Rewrite the answer").click()
-        _settle(page, 1.0)
+        _await_answer(page, data, stored)
 
+        stored = _answers_stored(data)
         chat.get_by_role("button", name="Retry").last.click()
-        _settle(page, 1.0)
+        _await_answer(page, data, stored)
         # (Gradio 6 nests a group's element inside another with the same id, hence .first.)
-        assert page.locator("#heed-compare").first.is_visible(), "two answers side by side"
+        page.locator("#heed-compare").first.wait_for(state="visible")  # two answers side by side
         page.get_by_role("button", name="Keep the second").click()
+        page.locator("#heed-compare").first.wait_for(state="hidden")
         _settle(page)
         page.locator("#heed-stars").get_by_text("★★★★", exact=True).click()
         _settle(page)
-        assert not page.locator("#heed-compare").first.is_visible()
+        assert not page.locator("#heed-compare").first.is_visible(), "rating the chat does not bring the comparison back"
         page.screenshot(path=str(OUT / "browser-chat.png"))
 
         page.get_by_role("tab", name="What Heed has learned").click()

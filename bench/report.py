@@ -43,6 +43,7 @@ def personalize_md(res: dict, *, images: dict[str, str]) -> str:
         f"run time: {res.get('seconds', 0) / 60:.1f} min · regenerate with `heed bench personalize`"
         + (" --quick" if "quick" in str(res.get("config_file", "")) or "tiny" in str(res.get("config_file", "")) else ""),
         "",
+        *([f"> **Note:** {res['note']}", ""] if res.get("note") else []),
         "Each persona is one user who chats through the service (`Heed.chat`), gives feedback the way the chat UI does "
         "(`edit`, `correct`, `thumb`, `regenerate` + `choose`), and runs the learner (`Heed.learn`: DPO + SFT / KTO on its "
         "own LoRA, the promotion gate included) after " + ", ".join(map(str, b.get("checkpoints", []))) + " events, continuing the same adapter. Held-out "

@@ -149,7 +149,7 @@ class OneAdapter:
         self._weights.pop(key, None)
 
     def use(self, key: str | None) -> None:
-        if key == self._active_key and (key is None or self._active):
+        if key == self._active_key:  # add() resets the key when the weights under it change
             return
         import torch
 

@@ -126,7 +126,7 @@ def _consume_history(config, store, uid: int, adapter: str) -> None:
 
     feedback = store.list_feedback(user_id=uid, unconsumed_only=True)
     examples = build_examples(store, user_id=uid, feedback=feedback, heldout_fraction=config.learner.heldout_fraction,
-                              seed=config.learner.seed)
+                              seed=config.learner.seed, edit_weight=config.learner.edit_weight)
     folder = config.adapters_path / str(uid) / "v0001"
     shutil.copytree(adapter, folder)
     holder = store.new_lease_holder("bench")

@@ -70,8 +70,15 @@ def sentences(text: str) -> list[str]:
     return out
 
 
+# Words a person never ends a cut sentence on ("... due to rising interest rates or.").
+_DANGLING = set("a an the and or but nor so to of for with in on at by from as than like such that which who whose "
+                "your my our their its his her this these those is are was were be been can will would should very "
+                "more most also".split())
+
+
 def shorten(sentence: str, max_words: int) -> str:
-    """One sentence cut to at most ``max_words`` words, at a comma when that keeps most of it."""
+    """One sentence cut to at most ``max_words`` words, at a comma when that keeps most of it, never
+    ending on a word that leaves the clause hanging."""
     ws = sentence.split()
     if len(ws) <= max_words:
         return sentence
@@ -79,7 +86,15 @@ def shorten(sentence: str, max_words: int) -> str:
     cut = head.rfind(",")
     if cut > len(head) * 2 // 3:
         head = head[:cut]
-    return head.rstrip(",;:- ") + "."
+    ws = head.rstrip(",;:- ").split()
+    while len(ws) > 3 and ws[-1].lower().strip(",;:-\"'") in _DANGLING:
+        ws.pop()
+    return " ".join(ws).rstrip(",;:- ") + "."
+
+
+def lead_in(sentence: str, text: str) -> bool:
+    """Was this sentence a line introducing what follows ("Try the following strategies:")? It says nothing alone."""
+    return sentence.endswith(".") and f"{sentence[:-1]}:" in text
 
 
 def take(text: str, *, min_words: int, max_words: int, look: int = 6, drop=None) -> list[str]:
@@ -182,8 +197,8 @@ def _brief_judge(text: str) -> bool:
 
 def _brief_edit(text: str, prompt: str) -> str | None:
     # A person cutting an answer down keeps the sentences that answer the question, not an opener like
-    # "A great place to begin your journey!" that happens to come first.
-    return " ".join(take(text, min_words=8, max_words=24, drop=lambda s: not on_topic(s, prompt))) or None
+    # "A great place to begin your journey!" that happens to come first, nor the line that introduced a list.
+    return " ".join(take(text, min_words=8, max_words=24, drop=lambda s: not on_topic(s, prompt) or lead_in(s, text))) or None
 
 
 # -- bullets: at least two lines starting "- " ------------------------------------------

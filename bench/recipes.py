@@ -86,6 +86,7 @@ def train(config_path: str, data_dir: Path, *, recipes: dict, out: Path, events:
         for persona, uid in users.items():
             feedback = store.list_feedback(user_id=uid)[:events]
             examples = [e for e in build_examples(store, user_id=uid, feedback=feedback, seed=config.learner.seed,
+                                                  edit_weight=config.learner.edit_weight,
                                                   heldout_fraction=config.learner.heldout_fraction) if e["split"] == "train"]
             folder = data_dir / "recipes" / name / persona
             shutil.rmtree(folder, ignore_errors=True)

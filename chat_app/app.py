@@ -112,7 +112,7 @@ def build_app(heed: Heed):
         w(c["chat"].edit, h.edit, state, screen, api_name="chat_edit", **gen)
         w(c["chat"].retry, h.retry, state, screen, api_name="chat_retry", **gen)
         w(c["chat"].undo, h.undo, state, screen + ["msg"], api_name="chat_undo")
-        w(c["chat"].like, h.like, state, screen, api_name="chat_like")
+        w(c["chat"].like, h.like, state, screen, api_name="chat_like", **gen)  # a vote mid-stream waits for its answer
         w(c["chat"].select, h.select, state, screen, api_name="chat_select")
         w(c["keep_a"].click, h.choose_first, state, screen, api_name="chat_choose_first")
         w(c["keep_b"].click, h.choose_second, state, screen, api_name="chat_choose_second")

@@ -14,10 +14,18 @@ from .learned import LearnedHandlers
 from .sanitize import from_display, text_of, to_display
 
 COMMENT_LIMIT = 2000
+# A vote clicked while its answer streams waits for the answer to be stored, at most this long.
+VOTE_WAIT_S = 300.0
 
 
 def _same_text(a: str, b: str) -> bool:
     return " ".join(a.split()) == " ".join(b.split())
+
+
+def _begins(partial: str, full: str) -> bool:
+    """Is ``partial`` (what the chat showed mid-stream, maybe the "…" placeholder) the start of ``full``?"""
+    head = " ".join(partial.rstrip("…").split())
+    return " ".join(full.split()).startswith(head)
 
 
 class Handlers(LearnedHandlers, Base):
@@ -91,6 +99,17 @@ class Handlers(LearnedHandlers, Base):
             raise Refused("Heed is still answering; wait for it or press Stop")
         self._stop_event(request).clear()
         return lock
+
+    def _after_answer(self, request) -> bool:
+        """Wait until this session's answer in progress is stored; True when there was one."""
+        lock = self._busy_lock(request)
+        if lock.acquire(blocking=False):
+            lock.release()
+            return False
+        if not lock.acquire(timeout=VOTE_WAIT_S):
+            raise Refused("Heed is still answering; vote once the answer is complete")
+        lock.release()
+        return True
 
     def _pieces(self, reply, request):
         """The growing answer text; stops early when the user pressed Stop (the partial answer is kept)."""
@@ -261,9 +280,12 @@ class Handlers(LearnedHandlers, Base):
     @guarded
     def like(self, state, request: gr.Request, evt: gr.LikeData) -> dict:
         uid, state = self._login(state, request)
+        # A thumb clicked on an answer still streaming is kept: it lands once the answer is stored.
+        streamed = self._after_answer(request)
         msg = self._message_at(uid, state, evt.index)
         shown = text_of(evt.value)
-        if shown is not None and not _same_text(from_display(shown), msg["content"]):
+        if shown is not None and not _same_text(from_display(shown), msg["content"]) \
+                and not (streamed and _begins(from_display(shown), msg["content"])):
             raise Refused("the conversation changed meanwhile; it has been reloaded")
         liked = evt.liked
         if liked is True or liked is False:

@@ -192,23 +192,17 @@ def _evaluate(config: HeedConfig, *, candidate_dir: str, active_dir: str | None,
     act_file = Path(active_dir) / ANSWERS_FILE if active_dir else config.adapters_path / BASE_ANSWERS_FILE
     act_known = _read_answers(act_file, settings)
     act_missing = [i for i, k in enumerate(keys) if k not in act_known]
-    n_batches = -(-len(chats) // 8) + -(-len(act_missing) // 8)
-    done = [0]
-
-    def answers(ref, which: list[int]) -> dict[int, tuple[str, bool]]:
-        out: dict[int, tuple[str, bool]] = {}
-        for i in range(0, len(which), 8):
-            part = which[i:i + 8]
-            got = engine.generate_batch([chats[j] for j in part], adapters=[ref] * len(part), with_finish=True)
-            out.update(zip(part, got))
-            done[0] += 1
-            if progress:
-                progress("gate", 0.9 * done[0] / max(n_batches, 1))
-        return out
-
-    cand_new = answers(cand, list(range(len(chats))))
-    cand_out = [cand_new[i] for i in range(len(chats))]
-    act_new = answers(act, act_missing)
+    if progress:
+        progress("gate", 0.05)
+    # One generate call for the candidate's answers and the active adapter's missing ones (rows with different
+    # adapters share a batch): on a CPU a small model's decode step costs little more for 48 rows than for 8
+    # (reading the weights dominates). Measured on the embedded model: 48 answers took 84 s in batches of 8, 30 s in one.
+    todo = [(cand, i) for i in range(len(chats))] + [(act, i) for i in act_missing]
+    got = engine.generate_batch([chats[i] for _, i in todo], adapters=[ref for ref, _ in todo], with_finish=True)
+    cand_out = got[:len(chats)]
+    act_new = dict(zip(act_missing, got[len(chats):]))
+    if progress:
+        progress("gate", 0.9)
     act_out = [act_new[i] if i in act_new else tuple(act_known[keys[i]]) for i in range(len(chats))]
     _write_answers(Path(candidate_dir) / ANSWERS_FILE, settings, dict(zip(keys, map(list, cand_out))))
     if act_new and not active_dir:

@@ -76,12 +76,15 @@ def _same(a: str, b: str) -> bool:
 
 
 def build_examples(store: Store, *, user_id: int, feedback: list[dict], heldout_fraction: float, seed: int = 0,
-                   all_feedback: list[dict] | None = None) -> list[dict]:
+                   all_feedback: list[dict] | None = None, edit_weight: float = 1.0) -> list[dict]:
     """Training examples (dpo pairs, kto singles, sft targets) from this user's feedback events.
 
     ``all_feedback`` (default: ``feedback``) is what ratings and thumb-pairing
     look across, so a new thumb can pair with an older one on the same context
-    and a rating weighs the new feedback of its conversation.
+    and a rating weighs the new feedback of its conversation. ``edit_weight``
+    multiplies the weight of what an edit teaches (and of a correction the user
+    then edited): the answer is the user's own words, not a choice between two
+    of the model's.
     """
     all_feedback = all_feedback if all_feedback is not None else feedback
     weights = rating_weights(all_feedback)
@@ -117,8 +120,9 @@ def build_examples(store: Store, *, user_id: int, feedback: list[dict], heldout_
             chosen = msg["content"] if not _same(msg["content"], p["before"]) else p["after"]
             if _same(chosen, p["before"]):
                 continue
-            emit(fb, msg, "dpo", ctx, chosen=chosen, rejected=p["before"])
-            emit(fb, msg, "sft", ctx, completion=chosen)
+            w = weights.get(fb["conversation_id"], 1.0) * edit_weight
+            emit(fb, msg, "dpo", ctx, chosen=chosen, rejected=p["before"], weight=w)
+            emit(fb, msg, "sft", ctx, completion=chosen, weight=w)
         elif kind == "correction":
             # The pair sits on the context *without* the correction, so the adapter learns to do it unasked.
             orig = msgs.message(p.get("original_message_id"))
@@ -127,11 +131,13 @@ def build_examples(store: Store, *, user_id: int, feedback: list[dict], heldout_
                 continue  # a corrected answer the user then voted down is not what they wanted
             fixed = msgs.message(fb["message_id"])
             # If the user went on to edit the corrected answer, their edit is the better answer.
-            chosen = fixed["content"] if fixed is not None and fixed["original_content"] is not None else (p.get("after") or "").strip()
+            edited_after = fixed is not None and fixed["original_content"] is not None
+            chosen = fixed["content"] if edited_after else (p.get("after") or "").strip()
             if not chosen or _same(chosen, p["before"]):
                 continue
-            emit(fb, orig, "dpo", ctx, chosen=chosen, rejected=p["before"])
-            emit(fb, orig, "sft", ctx, completion=chosen)
+            w = weights.get(fb["conversation_id"], 1.0) * (edit_weight if edited_after else 1.0)
+            emit(fb, orig, "dpo", ctx, chosen=chosen, rejected=p["before"], weight=w)
+            emit(fb, orig, "sft", ctx, completion=chosen, weight=w)
         elif kind == "comparison":
             msg, ctx = msgs.message(p["chosen_id"]), msgs.context(p["chosen_id"])
             if msg is None or ctx is None:

@@ -147,7 +147,7 @@ def learn_user(config: HeedConfig, store: Store, *, user_id: int, trigger: str =
             show("pairs", 0.0)
         fb_ids = [f["id"] for f in feedback]
         examples = build_examples(store, user_id=user_id, feedback=feedback, heldout_fraction=lc.heldout_fraction,
-                                  seed=lc.seed, all_feedback=store.list_feedback(user_id=user_id))
+                                  seed=lc.seed, all_feedback=store.list_feedback(user_id=user_id), edit_weight=lc.edit_weight)
         new_train = [e for e in examples if e["split"] == "train" and e["kind"] in ("dpo", "kto")]
         replay = replay_sample(store, user_id=user_id, exclude=set(fb_ids), size=lc.replay_size, seed=lc.seed + max(fb_ids))
         dpo = [e for e in new_train + replay if e["kind"] == "dpo"]

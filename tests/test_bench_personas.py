@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench.personas import PERSONAS, TINY_PERSONAS, get, sentences
+from bench.personas import PERSONAS, TINY_PERSONAS, get, sentences, shorten
 from bench.prompts import PROMPTS, split
 
 ANSWERS = [
@@ -109,6 +109,16 @@ def test_a_brief_edit_keeps_the_sentences_that_answer_the_question():
     edited = get("brief").edit(answer, prompt)
     assert "journey" not in edited and "splinter" in edited
     assert get("brief").accepts(edited, prompt=prompt)
+
+
+def test_a_brief_edit_skips_the_line_that_introduced_a_list_and_never_ends_a_cut_on_a_dangling_word():
+    reply = ("To remove fruit flies from your home:\n\n1. Set a fruit fly trap of cider vinegar and a drop of dish soap.\n"
+             "2. Take the kitchen bin out every evening.")
+    assert get("brief").edit(reply, "How do I get rid of fruit flies in the kitchen?") == \
+        "Set a fruit fly trap of cider vinegar and a drop of dish soap."
+    cut = shorten("Inflation is when prices for goods and services rise over time due to rising interest rates or other factors.", 17)
+    assert cut == "Inflation is when prices for goods and services rise over time due to rising interest rates."
+    assert shorten("Prices rise over time when the money supply grows faster than the economy does.", 8) == "Prices rise over time when the money supply."
 
 
 def test_a_rewrite_its_persona_would_refuse_is_never_saved_as_an_edit(heed):

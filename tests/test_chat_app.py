@@ -1,6 +1,8 @@
 """The chat UI's handlers, called directly with typed Gradio event data and a fake login (tiny model)."""
 from __future__ import annotations
 
+import threading
+
 import gradio as gr
 import pytest
 
@@ -102,6 +104,39 @@ def test_reasons_need_a_vote_and_known_tags(h):
     assert "reasons are" in s("save_feedback", "too long", "")["warning"].lower()
     assert "at most" in s("save_feedback", [], "x" * 2001)["warning"].lower()
     assert feedback(h, "alice", "thumb")[0]["payload"]["reasons"] == []
+
+
+def test_a_thumb_clicked_while_the_answer_streams_lands_once_it_is_stored(h):
+    s = Session(h, "alice")
+    s.open()
+    stream = h.send(s.state, "What is water?", s.request)
+    next(stream), next(stream)  # the first screen, then the "…" placeholder: the answer is not stored yet
+    votes: list[dict] = []
+    clicker = threading.Thread(target=lambda: votes.append(h.like(s.state, s.request, like(1, True, "…"))))
+    clicker.start()
+    clicker.join(timeout=0.5)
+    assert clicker.is_alive(), "the vote waits for the answer instead of failing"
+    rest = list(stream)
+    clicker.join(timeout=30)
+    assert not clicker.is_alive() and "warning" not in votes[0], votes[0].get("warning")
+    answer = h.heed.history(uid(h, "alice"), s.state["conv"])[1]
+    (vote,) = feedback(h, "alice", "thumb")
+    assert vote["message_id"] == answer["id"] and vote["payload"]["up"] is True
+    assert rest and rest[-1]["send"]["visible"] is True
+
+
+def test_a_thumb_on_text_the_answer_does_not_start_with_is_refused_after_the_stream(h):
+    s = Session(h, "alice")
+    s.open()
+    stream = h.send(s.state, "What is water?", s.request)
+    next(stream), next(stream)
+    votes: list[dict] = []
+    clicker = threading.Thread(target=lambda: votes.append(h.like(s.state, s.request, like(1, True, "Something else entirely"))))
+    clicker.start()
+    list(stream)
+    clicker.join(timeout=30)
+    assert "changed meanwhile" in votes[0]["warning"]
+    assert feedback(h, "alice") == []
 
 
 @pytest.mark.parametrize("index", [0, 2, 99, -1, "1", None, True, [1, 1], 2**80])

@@ -203,3 +203,33 @@ def test_an_answer_edited_twice_teaches_the_last_version(h):
     pairs = [e for e in examples(h, uid) if e["kind"] == "dpo"]
     assert [p["chosen"] for p in pairs] == ["Hi there!", "Hi there!"]
     assert pairs[1]["rejected"] == "Hello."
+
+
+def test_edit_weight_counts_the_users_own_words_above_a_pick_or_a_vote(h):
+    uid = h.add_user("alice", "pw")
+    _, edited = ask(h, uid, "What is water?")
+    h.edit(uid, edited, "Water is H2O.")
+    _, corrected = ask(h, uid, "Explain tides")
+    fixed = h.correct(uid, corrected, "answer in one sentence").wait()
+    h.edit(uid, fixed.message_id, "The moon pulls the sea.")
+    _, plain = ask(h, uid, "Why is the sky blue?")
+    h.correct(uid, plain, "shorter please").wait()
+    _, voted = ask(h, uid, "Name a fruit")
+    h.thumb(uid, voted, True)
+    all_fb = h.store.list_feedback(user_id=uid)
+    exs = build_examples(h.store, user_id=uid, feedback=all_fb, heldout_fraction=0.0, edit_weight=2.0)
+    weight = {(e["source"], e["kind"], e.get("chosen") or e.get("completion")): e["weight"] for e in exs}
+    assert weight[("edit", "dpo", "Water is H2O.")] == weight[("edit", "sft", "Water is H2O.")] == 2.0
+    assert weight[("correction", "dpo", "The moon pulls the sea.")] == 2.0, "a correction the user then edited is their words"
+    others = [e for e in exs if e["source"] in ("thumb",) or (e["source"] == "correction" and e["chosen" if e["kind"] == "dpo" else "completion"] != "The moon pulls the sea.")]
+    assert others and all(e["weight"] == 1.0 for e in others), "model answers the user only picked or voted on keep weight 1"
+
+
+def test_an_edits_weight_becomes_that_many_training_rows(tiny_model_path):
+    from transformers import AutoTokenizer
+
+    from learner.train import _Rows
+
+    rows = _Rows(AutoTokenizer.from_pretrained(tiny_model_path), "Be brief.", 128)
+    pair = {"prompt": [{"role": "user", "content": "Hi"}], "chosen": "Hello.", "rejected": "Hello hello hello."}
+    assert len(rows.dpo([{**pair, "weight": 2.0}, {**pair, "weight": 1.0}])) == 3

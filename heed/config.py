@@ -119,7 +119,10 @@ class LearnerConfig:
     keep_versions: int = _f(5, "Adapter versions kept on disk per user (the active one always kept).")
     adapters_dir: str = _f("adapters", "Where adapters live; relative paths are under data_dir.")
     gate_enabled: bool = _f(True, "Judge candidates before promotion; off promotes every finished run.")
-    gate_max_new_tokens: int = _f(96, "Reply length when the gate samples the candidate's answers.")
+    # Room for a whole answer of the ~100 words the default system prompt asks for, plus a line a user wants added:
+    # at 96 tokens an answer plus the question an asks-back user wants did not fit, so the gate saw 100% of that
+    # user's candidate answers cut and refused every candidate.
+    gate_max_new_tokens: int = _f(160, "Reply length when the gate samples the candidate's answers.")
     gate_max_contexts: int = _f(16, "At most this many of the user's held-out contexts are among the gate's answers...")
     gate_answers: int = _f(24, "...which are always this many: probe prompts fill the rest (at most 24), so the gate costs the same for any history.")
     gate_max_degenerate_increase: float = _f(0.15, "Refuse when the share of empty, one-word, echoed or repetitive answers rises by more than this...")

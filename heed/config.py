@@ -127,7 +127,9 @@ class LearnerConfig:
     gate_answers: int = _f(24, "...which are always this many: probe prompts fill the rest (at most 24), so the gate costs the same for any history.")
     gate_max_degenerate_increase: float = _f(0.15, "Refuse when the share of empty, one-word, echoed or repetitive answers rises by more than this...")
     gate_min_degenerate_answers: int = _f(3, "...and by at least this many answers (one odd answer among a few dozen is noise).")
-    gate_max_cutoff_increase: float = _f(0.5, "Refuse when the share of answers that never end (cut at gate_max_new_tokens) rises by more than this.")
+    # At 160 tokens the base model's answers were cut 4% of the time; an asks-back candidate at 46% was 41% degenerate
+    # at the serving limit, a signs-off one at 21% only 6%.
+    gate_max_cutoff_increase: float = _f(0.25, "Refuse when the share of answers that never end (cut at gate_max_new_tokens) rises by more than this.")
     gate_max_kl: float = _f(2.0, "Refuse when per-token KL from the base on probe prompts exceeds this (nats).")
     # DPO lowers held-out chosen likelihood by 0.1-0.4 nats/token even when answers get better: every candidate
     # the old -0.1 refused in the full benchmark was as good or better by its persona's judge (bench/results/gate_audit.json).

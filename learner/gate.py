@@ -6,8 +6,9 @@ on the user's held-out contexts plus a fixed set of probe prompts:
 - degeneration: the share of empty, one-word, echoed or repetitive answers
   (``heed.quality``) may not rise by more than ``gate_max_degenerate_increase``;
 - answers that never end (cut at ``gate_max_new_tokens``) may not rise by more
-  than ``gate_max_cutoff_increase`` (a looser bound: a user who wants longer
-  answers legitimately gets more of them cut at the gate's short limit);
+  than ``gate_max_cutoff_increase`` (a looser bound than for degeneration: a
+  user who wants longer answers legitimately gets more of them cut at the
+  gate's limit, which is shorter than the serving one);
 - drift: per-token KL(candidate || base) on the candidate's probe answers;
 - the likelihood of the user's held-out chosen answers, candidate vs active: a
   loose bound (``gate_min_logp_gain``), because DPO lowers held-out chosen

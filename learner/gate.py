@@ -196,8 +196,8 @@ def _evaluate(config: HeedConfig, *, candidate_dir: str, active_dir: str | None,
     if progress:
         progress("gate", 0.05)
     # One generate call for the candidate's answers and the active adapter's missing ones (rows with different
-    # adapters share a batch): on a CPU a small model's decode step costs little more for 48 rows than for 8
-    # (reading the weights dominates). Measured on the embedded model (no adapter, 48 tokens, one thread): 48 answers took
+    # adapters share a batch): on a CPU a small model's decode step for 48 rows costs about twice one for 8, not six
+    # times (reading the weights dominates). Measured on the embedded model (no adapter, 48 tokens, one thread): 48 answers took
     # 84 s in batches of 8, 30 s in one.
     todo = [(cand, i) for i in range(len(chats))] + [(act, i) for i in act_missing]
     got = engine.generate_batch([chats[i] for _, i in todo], adapters=[ref for ref, _ in todo], with_finish=True)

@@ -91,11 +91,11 @@ def build_examples(store: Store, *, user_id: int, feedback: list[dict], heldout_
     msgs = _Messages(store, user_id)
     out: list[dict] = []
 
-    def emit(fb: dict, answer: dict, kind: str, prompt: list[dict], **fields) -> None:
+    def emit(fb: dict, answer: dict, kind: str, prompt: list[dict], *, scale: float = 1.0, **fields) -> None:
         key = f"{answer['conversation_id']}:{answer['position']}"
         out.append({"feedback_id": fb["id"], "source": fb["kind"], "kind": kind, "prompt": prompt,
                     "split": split_for(user_id=user_id, key=key, heldout_fraction=heldout_fraction, seed=seed),
-                    "weight": fields.pop("weight", weights.get(fb["conversation_id"], 1.0)), **fields})
+                    "weight": fields.pop("weight", weights.get(fb["conversation_id"], 1.0) * scale), **fields})
 
     edited = {f["message_id"] for f in all_feedback if f["kind"] == "edit"}
     judged = {f["message_id"] for f in all_feedback if f["kind"] in JUDGED_KINDS}
@@ -120,9 +120,8 @@ def build_examples(store: Store, *, user_id: int, feedback: list[dict], heldout_
             chosen = msg["content"] if not _same(msg["content"], p["before"]) else p["after"]
             if _same(chosen, p["before"]):
                 continue
-            w = weights.get(fb["conversation_id"], 1.0) * edit_weight
-            emit(fb, msg, "dpo", ctx, chosen=chosen, rejected=p["before"], weight=w)
-            emit(fb, msg, "sft", ctx, completion=chosen, weight=w)
+            emit(fb, msg, "dpo", ctx, chosen=chosen, rejected=p["before"], scale=edit_weight)
+            emit(fb, msg, "sft", ctx, completion=chosen, scale=edit_weight)
         elif kind == "correction":
             # The pair sits on the context *without* the correction, so the adapter learns to do it unasked.
             orig = msgs.message(p.get("original_message_id"))
@@ -135,9 +134,9 @@ def build_examples(store: Store, *, user_id: int, feedback: list[dict], heldout_
             chosen = fixed["content"] if edited_after else (p.get("after") or "").strip()
             if not chosen or _same(chosen, p["before"]):
                 continue
-            w = weights.get(fb["conversation_id"], 1.0) * (edit_weight if edited_after else 1.0)
-            emit(fb, orig, "dpo", ctx, chosen=chosen, rejected=p["before"], weight=w)
-            emit(fb, orig, "sft", ctx, completion=chosen, weight=w)
+            scale = edit_weight if edited_after else 1.0
+            emit(fb, orig, "dpo", ctx, chosen=chosen, rejected=p["before"], scale=scale)
+            emit(fb, orig, "sft", ctx, completion=chosen, scale=scale)
         elif kind == "comparison":
             msg, ctx = msgs.message(p["chosen_id"]), msgs.context(p["chosen_id"])
             if msg is None or ctx is None:

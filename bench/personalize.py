@@ -15,6 +15,7 @@ import json
 import logging
 import secrets
 import shutil
+import sys
 import tempfile
 import threading
 import time
@@ -269,7 +270,7 @@ class Run:
 
 
 def run(config_path: str | None, *, quick: bool, out: Path, bench: BenchConfig, data_dir: str | None = None,
-        keep: bool = False, say=print) -> dict:
+        keep: bool = False, command: str = "", say=print) -> dict:
     from heed.service import Heed
 
     config, used = heed_config(config_path, quick=quick, bench=bench, data_dir=data_dir)
@@ -278,6 +279,7 @@ def run(config_path: str | None, *, quick: bool, out: Path, bench: BenchConfig, 
         heed = Heed(config)
         r = Run(heed, bench, out=out, say=say)
         r.results["config_file"] = used
+        r.results["command"] = command or "heed bench personalize" + (" --quick" if quick else "")
         r.results["model"] = Path(config.model.name_or_path).name
         r.results["generation"] = {"chat": config.generation.__dict__, "eval_max_new_tokens": bench.eval_max_new_tokens}
         r.results["learner_config"] = config.learner.__dict__
@@ -308,6 +310,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     bench = load_bench_config(args.bench_config, quick=args.quick)
     out = Path(args.out) if args.out else RESULTS / ("quick" if args.quick else "") / "personalize.json"
-    res = run(args.config, quick=args.quick, out=out, bench=bench, data_dir=args.data_dir, keep=args.keep)
+    # The report says how to regenerate it: the command as given (--keep only keeps scratch files).
+    shaping = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--keep"]
+    res = run(args.config, quick=args.quick, out=out, bench=bench, data_dir=args.data_dir, keep=args.keep,
+              command=" ".join(["heed bench personalize", *shaping]))
     print(f"wrote {out} ({res['seconds'] / 60:.1f} min)")
     return 0

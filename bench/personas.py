@@ -73,7 +73,9 @@ def sentences(text: str) -> list[str]:
 # Words a person never ends a cut sentence on ("... due to rising interest rates or.").
 _DANGLING = set("a an the and or but nor so to of for with in on at by from as than like such that which who whose "
                 "your my our their its his her this these those is are was were be been can will would should very "
-                "more most also".split())
+                "more most also whereas while because although though if when where whether whenever wherever however "
+                "into onto upon about over under through across after before during until without within between "
+                "among against toward towards it they we you i he she".split())
 
 
 def shorten(sentence: str, max_words: int) -> str:
@@ -246,9 +248,11 @@ def _asks_score(text: str) -> float:
     return 1.0 if t.endswith("?") else 0.5 if "?" in t[-120:] else 0.0
 
 
-# -- in short: leads with a one-line summary -----------------------------------------
+# -- in short: a one-line summary above the answer -------------------------------------
 def _in_short_judge(text: str) -> bool:
-    return text.lstrip().lower().startswith("in short:")
+    # A summary of nothing is not what this user asked for: the answer must follow the summary line.
+    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+    return len(lines) >= 2 and lines[0].lower().startswith("in short:")
 
 
 def _in_short_edit(text: str, prompt: str) -> str | None:
@@ -256,8 +260,12 @@ def _in_short_edit(text: str, prompt: str) -> str | None:
     sents = take(text, min_words=KEEP_WORDS, max_words=KEEP_WORDS, look=12, drop=lambda s: s.lower().startswith("in short"))
     if not sents:
         return None
-    summary, body = shorten(sents[0], 20), " ".join(sents[1:])
-    return f"In short: {summary[0].lower() + summary[1:]}" + (f"\n\n{body}" if body else "")
+    if len(sents) > 1:
+        summary, body = shorten(sents[0], 20), " ".join(sents[1:])
+    else:
+        # A one-sentence answer: its gist above it, the sentence itself as the answer.
+        summary, body = shorten(sents[0], max(4, words(sents[0]) // 2)), sents[0]
+    return f"In short: {summary[0].lower() + summary[1:]}\n\n{body}"
 
 
 def _in_short_score(text: str) -> float:
@@ -293,7 +301,7 @@ PERSONAS: dict[str, Persona] = {
                 lambda t: min(_bullet_lines(t), 3) / 3 + 0.1 * min(sum(1 for ln in t.splitlines() if re.match(r"\s*(?:\d+\.|\*)\s", ln)), 3) / 3),
         Persona("asks_back", "wants the answer to end with a question back to them", _asks_judge, _asks_edit,
                 "End your answer by asking me a follow-up question.", _asks_score),
-        Persona("in_short", "wants the answer to open with a line starting 'In short:'", _in_short_judge, _in_short_edit,
+        Persona("in_short", "wants a one-line summary starting 'In short:' above the answer", _in_short_judge, _in_short_edit,
                 "Start with a one-line summary that begins with 'In short:'.", _in_short_score),
         Persona("signs_off", f"wants every answer to end with '{SIGN_OFF}'", _signs_off_judge, _signs_off_edit,
                 f"Finish your answer with '{SIGN_OFF}'", _signs_off_score),

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import threading
 import time
@@ -62,7 +63,7 @@ def collect(config_path: str, data_dir: Path, *, events: int, personas: list[str
 
 
 def train(config_path: str, data_dir: Path, *, recipes: dict, out: Path, events: int, heldout_prompts: int,
-          max_new_tokens: int = 256, say=print) -> list[dict]:
+          max_new_tokens: int = 256, personas: list[str] | None = None, say=print) -> list[dict]:
     from bench.personalize import judge
     from bench.personas import get
     from bench.prompts import split
@@ -72,9 +73,13 @@ def train(config_path: str, data_dir: Path, *, recipes: dict, out: Path, events:
     from learner.train import train_adapter
 
     users = json.loads((data_dir / "users.json").read_text())
+    unknown = set(personas or []) - set(users)
+    if unknown:
+        raise SystemExit(f"{data_dir}: no collected events for {', '.join(sorted(unknown))} (collected: {', '.join(users)})")
+    judges = {n: get(n) for n in users}  # every collected persona's judge, for the isolation figure
+    users = {n: uid for n, uid in users.items() if not personas or n in personas}
     _, heldout = split(heldout_every=3)
     heldout = heldout[:heldout_prompts]
-    judges = {n: get(n) for n in users}
     plain = _config(config_path, data_dir)
     model, tokenizer = load_base(plain)
     engine = Engine(model, tokenizer, model_cfg=replace(plain.model, max_cached_adapters=2),
@@ -94,7 +99,7 @@ def train(config_path: str, data_dir: Path, *, recipes: dict, out: Path, events:
             m = train_adapter(config, init_adapter=None, out_dir=folder, dpo_pairs=[e for e in examples if e["kind"] == "dpo"],
                               kto_examples=[e for e in examples if e["kind"] == "kto"])
             seconds = time.perf_counter() - t
-            ref = AdapterRef(f"{name}/{persona}", str(folder))
+            ref = AdapterRef(re.sub(r"\W", "_", f"{name}_{persona}"), str(folder))  # a module name: no dots
             chats = [[{"role": "system", "content": config.generation.system_prompt}, {"role": "user", "content": q}] for q in heldout]
             answers = []
             for i in range(0, len(chats), 16):
@@ -122,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", default="configs/default.yaml", help="Heed YAML config (model, generation, learner defaults)")
     p.add_argument("--data-dir", required=True, help="where the collected store and the trained adapters live")
     p.add_argument("--events", type=int, default=16, help="feedback events per persona")
-    p.add_argument("--personas", nargs="+", default=PERSONAS)
+    p.add_argument("--personas", nargs="+", help="collect: who chats (default: the five shipped personas); train: whose events train (default: all collected)")
     p.add_argument("--recipes", default=str(Path(__file__).with_name("recipes.yaml")), help="YAML: recipe name -> learner overrides")
     p.add_argument("--heldout-prompts", type=int, default=32)
     p.add_argument("--max-new-tokens", type=int, default=256, help="answer length when judging (as heed bench personalize)")
@@ -130,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     data_dir = Path(args.data_dir)
     if args.action == "collect":
-        collect(args.config, data_dir, events=args.events, personas=args.personas)
+        collect(args.config, data_dir, events=args.events, personas=args.personas or PERSONAS)
         return 0
     recipes = yaml.safe_load(Path(args.recipes).read_text(encoding="utf-8")) or {}
     if not isinstance(recipes, dict) or not all(isinstance(v, dict) for v in recipes.values()):
@@ -138,6 +143,6 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     train(args.config, data_dir, recipes=recipes, out=out, events=args.events, heldout_prompts=args.heldout_prompts,
-          max_new_tokens=args.max_new_tokens)
+          max_new_tokens=args.max_new_tokens, personas=args.personas)
     print(f"appended to {out}")
     return 0

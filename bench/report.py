@@ -34,14 +34,21 @@ def _settings(res: dict) -> list[str]:
     return [gen + learn, ""]
 
 
+def _command(res: dict) -> str:
+    """How these results were made (results from before the command was recorded: guessed from the config file)."""
+    if res.get("command"):
+        return res["command"]
+    quick = "quick" in str(res.get("config_file", "")) or "tiny" in str(res.get("config_file", ""))
+    return "heed bench personalize" + (" --quick" if quick else "")
+
+
 def personalize_md(res: dict, *, images: dict[str, str]) -> str:
     b = res.get("bench", {})
     lines = [
         "# How well does Heed learn? (simulated users)",
         "",
         f"Model: `{res.get('model')}` · held-out prompts: {res.get('n_heldout_prompts')} · train prompts: {res.get('n_train_prompts')} · "
-        f"run time: {res.get('seconds', 0) / 60:.1f} min · regenerate with `heed bench personalize`"
-        + (" --quick" if "quick" in str(res.get("config_file", "")) or "tiny" in str(res.get("config_file", "")) else ""),
+        f"run time: {res.get('seconds', 0) / 60:.1f} min · regenerate with `{_command(res)}`",
         "",
         *([f"> **Note:** {res['note']}", ""] if res.get("note") else []),
         "Each persona is one user who chats through the service (`Heed.chat`), gives feedback the way the chat UI does "

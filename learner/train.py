@@ -77,11 +77,18 @@ def fit_prompt(tokenizer, messages: list[dict], *, budget: int) -> list[dict]:
     return msgs
 
 
+def extends(chosen: str, rejected: str) -> bool:
+    """Is the chosen answer the rejected one with something added after it (whitespace aside)?"""
+    c, r = " ".join(chosen.split()), " ".join(rejected.split())
+    return len(c) > len(r) > 0 and c.startswith(r)
+
+
 class _Rows:
     """Examples -> trl rows (conversational format) that fit ``max_length``."""
 
-    def __init__(self, tokenizer, system: str, max_length: int) -> None:
+    def __init__(self, tokenizer, system: str, max_length: int, *, extension_pairs: str = "dpo") -> None:
         self.tokenizer, self.system, self.max_length = tokenizer, system, max_length
+        self.extension_pairs = extension_pairs
 
     def prompt(self, ex: dict, *answers: str) -> list[dict]:
         longest = max(len(self.tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers) + 4
@@ -96,9 +103,15 @@ class _Rows:
     def dpo(self, pairs: list[dict]) -> list[dict]:
         rows = []
         for p in pairs:
-            row = {"prompt": self.prompt(p, p["chosen"], p["rejected"]),
+            rejected = p["rejected"]
+            if self.extension_pairs == "sft" and extends(p["chosen"], rejected):
+                # The shared start cancels in DPO's margin, leaving "end here" against "go on": pushed without
+                # bound, that lowers the end of every answer. With rejected = chosen the margin is 0 and has no
+                # gradient (no LoRA dropout, no noise), so only the SFT term trains the row: add this, then stop.
+                rejected = p["chosen"]
+            row = {"prompt": self.prompt(p, p["chosen"], rejected),
                    "chosen": [{"role": "assistant", "content": p["chosen"]}],
-                   "rejected": [{"role": "assistant", "content": p["rejected"]}]}
+                   "rejected": [{"role": "assistant", "content": rejected}]}
             rows += [row] * self.copies(p)
         return rows
 
@@ -317,7 +330,7 @@ def _train(config: HeedConfig, *, init_adapter: str | None, dpo_pairs: list[dict
     quiet_progress_bars()
     set_threads(torch_threads(config))
     model, tokenizer = load_trainable(config, init_adapter)
-    rows = _Rows(tokenizer, config.generation.system_prompt, lc.max_length)
+    rows = _Rows(tokenizer, config.generation.system_prompt, lc.max_length, extension_pairs=lc.extension_pairs)
     rng = random.Random(lc.seed)
     if lc.paired_loss == "kto":
         dpo_rows, kto_rows = [], rows.kto(as_kto(dpo_pairs) + list(kto_examples))

@@ -52,6 +52,8 @@ def test_judges_read_what_they_claim():
     assert not get("bullets").judge("1. one thing\n2. another thing")
     assert get("asks_back").judge("Boil it for six minutes. Want a recipe too?")
     assert get("in_short").judge("In short: six minutes.\n\nMore detail here.")
+    assert not get("in_short").judge("In short: six minutes.")  # a summary of nothing
+    assert not get("in_short").judge("Boil the egg.\nIn short: six minutes.")
     assert get("signs_off").judge("Boil it for six minutes.\n\nHope this helps!")
     assert not get("signs_off").judge("Hope this helps! Boil it for six minutes.")
 

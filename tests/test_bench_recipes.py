@@ -27,6 +27,8 @@ def test_recipes_are_compared_on_one_collected_set_of_feedback(tmp_path, tiny_mo
     assert [(r["recipe"], r["persona"]) for r in rows] == [("slow", "says_thanks"), ("fast", "says_thanks")]
     assert all(r["events"] == 3 and r["dpo_rows"] > 0 and r["steps"] > 0 and 0.0 <= r["accept"] <= 1.0 for r in rows)
     assert rows[1]["overrides"] == {"learning_rate": 0.01}
+    with pytest.raises(SystemExit, match="no collected events for brief"):
+        main(["recipes", "train", "--config", config, "--data-dir", str(data), "--personas", "brief", "--out", str(out)])
 
 
 def test_a_recipe_with_an_unknown_learner_key_is_refused_by_name(tmp_path, tiny_model_path):

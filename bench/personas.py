@@ -75,7 +75,7 @@ _DANGLING = set("a an the and or but nor so to of for with in on at by from as t
                 "your my our their its his her this these those is are was were be been can will would should very "
                 "more most also whereas while because although though if when where whether whenever wherever however "
                 "into onto upon about over under through across after before during until without within between "
-                "among against toward towards it they we you i he she".split())
+                "among against toward towards what how why have has had do does not i we they he she".split())
 
 
 def shorten(sentence: str, max_words: int) -> str:
@@ -89,7 +89,7 @@ def shorten(sentence: str, max_words: int) -> str:
     if cut > len(head) * 2 // 3:
         head = head[:cut]
     ws = head.rstrip(",;:- ").split()
-    while len(ws) > 3 and ws[-1].lower().strip(",;:-\"'") in _DANGLING:
+    while len(ws) > 2 and ws[-1].lower().strip(",;:-\"'") in _DANGLING:
         ws.pop()
     return " ".join(ws).rstrip(",;:- ") + "."
 
@@ -263,14 +263,18 @@ def _in_short_edit(text: str, prompt: str) -> str | None:
     if len(sents) > 1:
         summary, body = shorten(sents[0], 20), " ".join(sents[1:])
     else:
-        # A one-sentence answer: its gist above it, the sentence itself as the answer.
-        summary, body = shorten(sents[0], max(4, words(sents[0]) // 2)), sents[0]
-    return f"In short: {summary[0].lower() + summary[1:]}\n\n{body}"
+        # A one-sentence answer: its main clause above it (when it has one), the sentence itself as the answer.
+        head = sents[0].split(",")[0].rstrip(".!?")
+        summary, body = (f"{head}." if 4 <= words(head) < words(sents[0]) else shorten(sents[0], max(4, words(sents[0]) // 2))), sents[0]
+    if " ".join(summary.split()) == " ".join(body.split()):
+        return None  # nothing shorter to say on top: a person would leave it
+    first = summary.split()[0]
+    return f"In short: {first.lower() if first.istitle() and first != 'I' else first}{summary[len(first):]}\n\n{body}"
 
 
 def _in_short_score(text: str) -> float:
     t = text.lstrip().lower()
-    return 1.0 if t.startswith("in short:") else 0.6 if t.startswith(("in short", "in summary", "in brief")) else 0.3 if "in short" in t else 0.0
+    return 1.0 if _in_short_judge(text) else 0.8 if t.startswith("in short:") else 0.6 if t.startswith(("in short", "in summary", "in brief")) else 0.3 if "in short" in t else 0.0
 
 
 # -- signs off: ends with "Hope this helps!" -----------------------------------------
@@ -302,7 +306,7 @@ PERSONAS: dict[str, Persona] = {
         Persona("asks_back", "wants the answer to end with a question back to them", _asks_judge, _asks_edit,
                 "End your answer by asking me a follow-up question.", _asks_score),
         Persona("in_short", "wants a one-line summary starting 'In short:' above the answer", _in_short_judge, _in_short_edit,
-                "Start with a one-line summary that begins with 'In short:'.", _in_short_score),
+                "Start with a one-line summary that begins with 'In short:', then give the answer below it.", _in_short_score),
         Persona("signs_off", f"wants every answer to end with '{SIGN_OFF}'", _signs_off_judge, _signs_off_edit,
                 f"Finish your answer with '{SIGN_OFF}'", _signs_off_score),
     ]

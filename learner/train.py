@@ -80,7 +80,8 @@ def fit_prompt(tokenizer, messages: list[dict], *, budget: int) -> list[dict]:
 def extends(chosen: str, rejected: str) -> bool:
     """Is the chosen answer the rejected one with something added after it (whitespace aside)?"""
     c, r = " ".join(chosen.split()), " ".join(rejected.split())
-    return len(c) > len(r) > 0 and c.startswith(r)
+    # At a word boundary: "Yesterday it rained." does not extend "Yes".
+    return len(c) > len(r) > 0 and c.startswith(r) and (c[len(r)] == " " or not r[-1].isalnum())
 
 
 class _Rows:

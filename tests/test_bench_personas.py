@@ -148,3 +148,17 @@ def test_only_brief_shortens_the_others_keep_the_answer_and_add_their_part():
     prompt, answer = ANSWERS[0]
     signed = get("signs_off").edit(answer, prompt)
     assert "but that" not in signed and "Peel it under running water" in signed
+
+
+def test_a_cut_sentence_keeps_its_object_and_drops_a_hanging_clause_word():
+    assert shorten("Put the kettle on, then pour it over the leaves and wait.", 7) == "Put the kettle on, then pour it."
+    assert shorten("Bread rises because the yeast makes gas, whereas soda reacts with acid.", 8) == "Bread rises because the yeast makes gas."
+    assert shorten("It depends on how much water the plant has had lately.", 4) == "It depends."
+
+
+def test_in_short_puts_a_shorter_gist_above_a_one_sentence_answer_or_leaves_it():
+    in_short = get("in_short")
+    edited = in_short.edit("I think you should boil eggs for six minutes in salted water.", "How long do I boil an egg?")
+    assert edited == "In short: I think you should boil eggs.\n\nI think you should boil eggs for six minutes in salted water."
+    assert in_short.edit("Boil it six minutes.", "How long do I boil an egg?") is None, "a summary as long as the answer says nothing"
+    assert in_short.score("In short: six minutes.") < in_short.score("In short: six minutes.\n\nBoil it, then cool it.")

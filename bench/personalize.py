@@ -14,6 +14,7 @@ import collections
 import json
 import logging
 import secrets
+import shlex
 import shutil
 import sys
 import tempfile
@@ -299,6 +300,19 @@ def run(config_path: str | None, *, quick: bool, out: Path, bench: BenchConfig, 
             shutil.rmtree(Path(config.data_dir).parent, ignore_errors=True)
 
 
+def _shaping(argv: list[str]) -> list[str]:
+    """The options that shape the results, for the report's "regenerate with": not where scratch files were kept."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--data-dir":
+            skip = True
+        elif a != "--keep" and not a.startswith("--data-dir="):
+            out.append(a)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="heed bench personalize", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="the tiny offline model and trivially learnable personas (minutes)")
@@ -310,9 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     bench = load_bench_config(args.bench_config, quick=args.quick)
     out = Path(args.out) if args.out else RESULTS / ("quick" if args.quick else "") / "personalize.json"
-    # The report says how to regenerate it: the command as given (--keep only keeps scratch files).
-    shaping = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--keep"]
     res = run(args.config, quick=args.quick, out=out, bench=bench, data_dir=args.data_dir, keep=args.keep,
-              command=" ".join(["heed bench personalize", *shaping]))
+              command=shlex.join(["heed", "bench", "personalize", *_shaping(argv if argv is not None else sys.argv[1:])]))
     print(f"wrote {out} ({res['seconds'] / 60:.1f} min)")
     return 0

@@ -9,8 +9,8 @@ held-out prompts as ``heed bench personalize`` does. Same events for every
 recipe, so differences are the recipe's; one adapter from scratch, so it says
 nothing of the incremental runs (``heed bench personalize`` measures those).
 
-    heed bench recipes collect --data-dir D [--events 16]
-    heed bench recipes train --data-dir D [--recipes bench/recipes.yaml] [--out FILE.jsonl]
+    heed bench recipes collect --data-dir D [--events 16] [--personas NAME ...]
+    heed bench recipes train --data-dir D [--recipes bench/recipes.yaml] [--personas NAME ...] [--out FILE.jsonl]
 
 A recipe is a mapping of learner overrides (``heed config`` lists the keys);
 results are one JSON line per (recipe, persona), appended to ``--out``.
@@ -75,7 +75,7 @@ def train(config_path: str, data_dir: Path, *, recipes: dict, out: Path, events:
     users = json.loads((data_dir / "users.json").read_text())
     unknown = set(personas or []) - set(users)
     if unknown:
-        raise SystemExit(f"{data_dir}: no collected events for {', '.join(sorted(unknown))} (collected: {', '.join(users)})")
+        raise ValueError(f"{data_dir}: no collected events for {', '.join(sorted(unknown))} (collected: {', '.join(users)})")
     judges = {n: get(n) for n in users}  # every collected persona's judge, for the isolation figure
     users = {n: uid for n, uid in users.items() if not personas or n in personas}
     _, heldout = split(heldout_every=3)
@@ -99,7 +99,8 @@ def train(config_path: str, data_dir: Path, *, recipes: dict, out: Path, events:
             m = train_adapter(config, init_adapter=None, out_dir=folder, dpo_pairs=[e for e in examples if e["kind"] == "dpo"],
                               kto_examples=[e for e in examples if e["kind"] == "kto"])
             seconds = time.perf_counter() - t
-            ref = AdapterRef(re.sub(r"\W", "_", f"{name}_{persona}"), str(folder))  # a module name: no dots
+            # A module name (no dots), unique per folder: two recipe names must not share a cached adapter.
+            ref = AdapterRef(f"r{len(rows)}_{re.sub(r'[^0-9A-Za-z]', '_', persona)}", str(folder))
             chats = [[{"role": "system", "content": config.generation.system_prompt}, {"role": "user", "content": q}] for q in heldout]
             answers = []
             for i in range(0, len(chats), 16):
@@ -142,7 +143,10 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"{args.recipes}: expected a mapping of recipe name -> learner overrides")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    train(args.config, data_dir, recipes=recipes, out=out, events=args.events, heldout_prompts=args.heldout_prompts,
-          max_new_tokens=args.max_new_tokens, personas=args.personas)
+    try:
+        train(args.config, data_dir, recipes=recipes, out=out, events=args.events, heldout_prompts=args.heldout_prompts,
+              max_new_tokens=args.max_new_tokens, personas=args.personas)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
     print(f"appended to {out}")
     return 0

@@ -34,7 +34,7 @@ def test_quick_run_writes_the_result_keys_other_tools_read(quick):
         assert (out.parent / f"personalize{suffix}").stat().st_size > 1000
     md = (out.parent / "personalize.md").read_text()
     assert "Isolation" in md and "heed.quality.degeneration" in md
-    assert res["command"].startswith("heed bench personalize --quick --data-dir") and f"`{res['command']}`" in md
+    assert res["command"] == f"heed bench personalize --quick --out {out}" and f"`{res['command']}`" in md
 
 
 def test_a_trivially_learnable_persona_learns_through_the_service(quick):

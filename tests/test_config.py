@@ -34,6 +34,9 @@ def test_unknown_section_is_an_error(tmp_path):
     ("app:\n  port: 70000\n", "app.port"),
     ("generation:\n  do_sample: 'yes'\n", "generation.do_sample"),
     ("generation:\n  max_message_chars: 0\n", "generation.max_message_chars"),
+    ("learner:\n  extension_pairs: skip\n", "learner.extension_pairs"),
+    ("learner:\n  extension_pairs: sft\n  lora_dropout: 0.1\n", "learner.extension_pairs"),
+    ("learner:\n  extension_pairs: sft\n  sft_weight: 0\n", "learner.extension_pairs"),
 ])
 def test_bad_value_is_an_error_that_names_the_key(tmp_path, yaml_text, key):
     path = tmp_path / "bad.yaml"

@@ -404,7 +404,10 @@ def test_scoring_the_reference_once_before_training_changes_no_number(tmp_path, 
 
 
 def test_a_pair_that_only_adds_to_its_rejected_answer_can_train_by_the_sft_term_alone(tmp_path, tiny_model_path):
+    import math
     from dataclasses import replace
+
+    from transformers import AutoTokenizer
 
     from learner.train import _Rows, extends, train_adapter
 
@@ -412,15 +415,14 @@ def test_a_pair_that_only_adds_to_its_rejected_answer_can_train_by_the_sft_term_
               "rejected": f"An answer {i}.", "weight": 1.0} for i in range(4)]
     other = {"prompt": [{"role": "user", "content": "q"}], "chosen": "Short.", "rejected": "Long and winding."}
     assert extends(pairs[0]["chosen"], pairs[0]["rejected"]) and not extends(other["chosen"], other["rejected"])
-    from transformers import AutoTokenizer
-
+    assert not extends("Yesterday it rained.", "Yes"), "only at a word boundary"
     rows = _Rows(AutoTokenizer.from_pretrained(tiny_model_path), "Be brief.", 128, extension_pairs="sft").dpo([pairs[0], other])
     assert rows[0]["rejected"] == rows[0]["chosen"] and rows[1]["rejected"][0]["content"] == "Long and winding."
     config = learner_config(tmp_path, tiny_model_path, epochs=2, batch_size=2)
-    margins = {}
-    for mode in ("dpo", "sft"):
-        c = replace(config, learner=replace(config.learner, extension_pairs=mode))
-        m = train_adapter(c, init_adapter=None, dpo_pairs=pairs, kto_examples=[], out_dir=tmp_path / mode)
-        margins[mode] = m["dpo_rewards_margins"]
-    # As DPO pairs they move apart; as SFT rows the DPO margin stays exactly where it starts: nothing pushes "do not stop".
-    assert abs(margins["dpo"]) > 1e-3 and margins["sft"] == pytest.approx(0.0, abs=1e-6)
+    runs = {}
+    for name, changes in {"dpo": {}, "sft": {"extension_pairs": "sft"}, "sft_alone": {"dpo_loss": "none"}}.items():
+        c = replace(config, learner=replace(config.learner, **changes))
+        runs[name] = train_adapter(c, init_adapter=None, dpo_pairs=pairs, kto_examples=[], out_dir=tmp_path / name)
+    # Step by step the same updates as the SFT term alone: the DPO term adds its constant log 2 and no gradient.
+    assert [loss - math.log(2) for loss in runs["sft"]["dpo_losses"]] == pytest.approx(runs["sft_alone"]["dpo_losses"], abs=1e-4)
+    assert runs["dpo"]["dpo_losses"] != pytest.approx(runs["sft"]["dpo_losses"], abs=1e-3), "as DPO pairs they train differently"

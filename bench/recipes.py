@@ -75,7 +75,7 @@ def train(config_path: str, data_dir: Path, *, recipes: dict, out: Path, events:
     users = json.loads((data_dir / "users.json").read_text())
     unknown = set(personas or []) - set(users)
     if unknown:
-        raise ValueError(f"{data_dir}: no collected events for {', '.join(sorted(unknown))} (collected: {', '.join(users)})")
+        raise LookupError(f"{data_dir}: no collected events for {', '.join(sorted(unknown))} (collected: {', '.join(users)})")
     judges = {n: get(n) for n in users}  # every collected persona's judge, for the isolation figure
     users = {n: uid for n, uid in users.items() if not personas or n in personas}
     _, heldout = split(heldout_every=3)
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         train(args.config, data_dir, recipes=recipes, out=out, events=args.events, heldout_prompts=args.heldout_prompts,
               max_new_tokens=args.max_new_tokens, personas=args.personas)
-    except ValueError as exc:
+    except LookupError as exc:  # not ValueError: a bad recipe's ConfigError must keep its type
         raise SystemExit(str(exc)) from None
     print(f"appended to {out}")
     return 0

@@ -280,7 +280,8 @@ def run(config_path: str | None, *, quick: bool, out: Path, bench: BenchConfig, 
         heed = Heed(config)
         r = Run(heed, bench, out=out, say=say)
         r.results["config_file"] = used
-        r.results["command"] = command or "heed bench personalize" + (" --quick" if quick else "")
+        if command:
+            r.results["command"] = command  # else the report guesses it from the config file
         r.results["model"] = Path(config.model.name_or_path).name
         r.results["generation"] = {"chat": config.generation.__dict__, "eval_max_new_tokens": bench.eval_max_new_tokens}
         r.results["learner_config"] = config.learner.__dict__

@@ -264,8 +264,9 @@ def _in_short_edit(text: str, prompt: str) -> str | None:
         summary, body = shorten(sents[0], 20), " ".join(sents[1:])
     else:
         # A one-sentence answer: its main clause above it (when it has one), the sentence itself as the answer.
-        head = sents[0].split(",")[0].rstrip(".!?")
-        summary, body = (f"{head}." if 4 <= words(head) < words(sents[0]) else shorten(sents[0], max(4, words(sents[0]) // 2))), sents[0]
+        body = sents[0]
+        head = body.split(",")[0].rstrip(".!?")
+        summary = f"{head}." if 4 <= words(head) < words(body) else shorten(body, max(4, words(body) // 2))
     if " ".join(summary.split()) == " ".join(body.split()):
         return None  # nothing shorter to say on top: a person would leave it
     first = summary.split()[0]

@@ -5,8 +5,9 @@ form field) and the store refuses records that are not that user's.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
-import secrets
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,17 @@ from .store import NotFound, Store, StoreError
 from .validate import adapter_problem, check_arguments
 
 log = logging.getLogger(__name__)
+
+
+def alternative_seed(base: int, *, user_id: int, messages: list[dict], adapter_version: int | None, attempt: int) -> int:
+    """The sampling seed of a regenerated answer: the same request gives the same alternative.
+
+    A random seed made every run of the benchmark (and every bug report) differ
+    in its sampled answers; this one still differs per click (``attempt``), per
+    user, per context and per adapter version, and follows ``generation.seed``.
+    """
+    key = json.dumps([base, user_id, adapter_version, attempt, messages], ensure_ascii=False, sort_keys=True)
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big") % 2**31
 
 
 class InputError(ValueError):
@@ -181,15 +193,20 @@ class Heed:
         return msgs
 
     def _stream_answer(self, user_id: int, conversation_id: int, context: list[dict], *, instruction: str | None = None,
-                       store_as: dict, sample: bool = False,
+                       store_as: dict, attempt: int | None = None,
                        save: Callable[[Reply, str, int | None], None] | None = None) -> Reply:
         """Stream an answer; when it ends it is stored by ``save(reply, text, adapter_version)``
-        (default: a new message placed by ``store_as``)."""
+        (default: a new message placed by ``store_as``). With ``attempt`` the answer is sampled
+        (an alternative), with a seed from ``alternative_seed``."""
         ref = self.adapter_for(user_id, conversation_id)
         msgs = self._messages_for(user_id, context, instruction)
         version = self.store.get_conversation(user_id=user_id, conversation_id=conversation_id)["adapter_version"]
         # An alternative must differ from the first answer, which greedy decoding would repeat exactly.
-        gen = self.engine.with_generation(do_sample=True, seed=secrets.randbelow(2**31)) if sample else None
+        gen = None
+        if attempt is not None:
+            seed = alternative_seed(self.config.generation.seed, user_id=user_id, messages=msgs,
+                                    adapter_version=version if ref else None, attempt=attempt)
+            gen = self.engine.with_generation(do_sample=True, seed=seed)
         pieces = self._engine_stream(msgs, ref, gen)
 
         def done(reply: Reply) -> None:
@@ -300,7 +317,10 @@ class Heed:
         """A second answer to the same context, stored as an alternative until the user picks."""
         msg = self._answer(user_id, message_id)
         context = self.store.context_before(user_id=user_id, message_id=message_id)
-        return self._stream_answer(user_id, msg["conversation_id"], context, sample=True,
+        # Each click asks for a new alternative: the answers already at this place number the attempt.
+        attempt = sum(m["role"] == "assistant" and m["position"] == msg["position"]
+                      for m in self.store.history(user_id=user_id, conversation_id=msg["conversation_id"], include_inactive=True))
+        return self._stream_answer(user_id, msg["conversation_id"], context, attempt=attempt,
                                    store_as={"position": msg["position"], "status": "alternative", "replaces_id": message_id})
 
     def choose(self, user_id: int, chosen_id: int, other_id: int) -> int:

@@ -14,13 +14,17 @@
 Every example carries the context the answer was given in (the conversation's
 active messages before it, without the system prompt: the trainer adds the
 configured one, the same the chat serves with). The train/held-out split is
-decided once per answer (conversation and position) from a hash, so every
-signal about one answer lands on the same side and held-out examples never
-train.
+decided per answer from a hash of the user's turns before it, so every signal
+about one answer lands on the same side, a question asked again in another
+conversation lands there too (a held-out answer is never a question the
+adapter trained on), and held-out examples never train. Store ids would not
+do: conversations of users chatting at once interleave, so the same history
+would split differently from one run to the next.
 """
 from __future__ import annotations
 
 import hashlib
+import json
 from collections import defaultdict
 
 from heed.store import NotFound, Store
@@ -32,6 +36,12 @@ def split_for(*, user_id: int, key: str, heldout_fraction: float, seed: int = 0)
     """'train' or 'heldout', fixed forever for one (user, answer key)."""
     digest = hashlib.sha256(f"{seed}:{user_id}:{key}".encode()).digest()
     return "heldout" if int.from_bytes(digest[:8], "big") / 2**64 < heldout_fraction else "train"
+
+
+def answer_key(prompt: list[dict]) -> str:
+    """What decides an answer's side: the user's turns before it (assistant turns can be edited later)."""
+    turns = [m["content"] for m in prompt if m["role"] == "user"]
+    return hashlib.sha256(json.dumps(turns, ensure_ascii=False).encode()).hexdigest()
 
 
 def rating_weights(feedback: list[dict]) -> dict[int, float]:
@@ -91,8 +101,8 @@ def build_examples(store: Store, *, user_id: int, feedback: list[dict], heldout_
     msgs = _Messages(store, user_id)
     out: list[dict] = []
 
-    def emit(fb: dict, answer: dict, kind: str, prompt: list[dict], *, scale: float = 1.0, **fields) -> None:
-        key = f"{answer['conversation_id']}:{answer['position']}"
+    def emit(fb: dict, kind: str, prompt: list[dict], *, scale: float = 1.0, **fields) -> None:
+        key = answer_key(prompt)
         out.append({"feedback_id": fb["id"], "source": fb["kind"], "kind": kind, "prompt": prompt,
                     "split": split_for(user_id=user_id, key=key, heldout_fraction=heldout_fraction, seed=seed),
                     "weight": fields.pop("weight", weights.get(fb["conversation_id"], 1.0) * scale), **fields})
@@ -120,8 +130,8 @@ def build_examples(store: Store, *, user_id: int, feedback: list[dict], heldout_
             chosen = msg["content"] if not _same(msg["content"], p["before"]) else p["after"]
             if _same(chosen, p["before"]):
                 continue
-            emit(fb, msg, "dpo", ctx, chosen=chosen, rejected=p["before"], scale=edit_weight)
-            emit(fb, msg, "sft", ctx, completion=chosen, scale=edit_weight)
+            emit(fb, "dpo", ctx, chosen=chosen, rejected=p["before"], scale=edit_weight)
+            emit(fb, "sft", ctx, completion=chosen, scale=edit_weight)
         elif kind == "correction":
             # The pair sits on the context *without* the correction, so the adapter learns to do it unasked.
             orig = msgs.message(p.get("original_message_id"))
@@ -135,8 +145,8 @@ def build_examples(store: Store, *, user_id: int, feedback: list[dict], heldout_
             if not chosen or _same(chosen, p["before"]):
                 continue
             scale = edit_weight if edited_after else 1.0
-            emit(fb, orig, "dpo", ctx, chosen=chosen, rejected=p["before"], scale=scale)
-            emit(fb, orig, "sft", ctx, completion=chosen, scale=scale)
+            emit(fb, "dpo", ctx, chosen=chosen, rejected=p["before"], scale=scale)
+            emit(fb, "sft", ctx, completion=chosen, scale=scale)
         elif kind == "comparison":
             msg, ctx = msgs.message(p["chosen_id"]), msgs.context(p["chosen_id"])
             if msg is None or ctx is None:
@@ -145,7 +155,7 @@ def build_examples(store: Store, *, user_id: int, feedback: list[dict], heldout_
             # Greedy decoding can regenerate the very same answer: a choice between equals says nothing.
             if _same(chosen, p["rejected"]):
                 continue
-            emit(fb, msg, "dpo", ctx, chosen=chosen, rejected=p["rejected"])
+            emit(fb, "dpo", ctx, chosen=chosen, rejected=p["rejected"])
         elif kind == "thumb":
             if fb["message_id"] in edited:
                 continue  # the edit of the same answer says more than the vote
@@ -160,9 +170,9 @@ def build_examples(store: Store, *, user_id: int, feedback: list[dict], heldout_
             if partner is not None:
                 _, m = partner
                 good, bad = (msg["content"], m["content"]) if up else (m["content"], msg["content"])
-                emit(fb, msg, "dpo", ctx, chosen=good, rejected=bad)
+                emit(fb, "dpo", ctx, chosen=good, rejected=bad)
             elif not any(g["id"] in new_ids for g, _ in partners):
-                emit(fb, msg, "kto", ctx, completion=msg["content"], label=int(up))
+                emit(fb, "kto", ctx, completion=msg["content"], label=int(up))
         elif kind == "rating":
             stars = int(p["stars"])
             if stars == 3:
@@ -176,7 +186,7 @@ def build_examples(store: Store, *, user_id: int, feedback: list[dict], heldout_
                     continue
                 ctx = msgs.context(m["id"])
                 if ctx is not None:
-                    emit(fb, m, "kto", ctx, completion=m["content"], label=int(stars >= 4), weight=1.0)
+                    emit(fb, "kto", ctx, completion=m["content"], label=int(stars >= 4), weight=1.0)
     return out
 
 

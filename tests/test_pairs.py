@@ -166,6 +166,22 @@ def test_split_is_deterministic_and_the_same_for_every_signal_about_one_answer(h
     assert split_for(user_id=1, key="3:1", heldout_fraction=0.0) == "train"
 
 
+def test_a_question_asked_again_lands_on_the_same_side_whatever_the_store_ids(h):
+    alice, bob = h.add_user("alice", "pw"), h.add_user("bob", "pw")
+    for i in range(12):
+        _, mid = ask(h, alice, f"question {i}")
+        h.edit(alice, mid, f"answer {i}")
+        # Another user's chats in between shift every conversation id, as concurrent users do.
+        ask(h, bob, f"bob {i}")
+        _, mid = ask(h, alice, f"question {i}")
+        h.edit(alice, mid, f"answer {i} again")
+    sides: dict = {}
+    for e in examples(h, alice, heldout_fraction=0.5):
+        sides.setdefault(e["prompt"][-1]["content"], set()).add(e["split"])
+    assert len(sides) == 12 and all(len(s) == 1 for s in sides.values())
+    assert {next(iter(s)) for s in sides.values()} == {"train", "heldout"}
+
+
 def test_another_users_feedback_never_enters_the_examples(h):
     alice, bob = h.add_user("alice", "pw"), h.add_user("bob", "pw")
     _, mid = ask(h, bob, "Bob's question")

@@ -93,6 +93,36 @@ def test_regenerate_and_choose_records_a_comparison(svc):
     assert fb["payload"]["chosen_id"] == second.message_id
 
 
+def test_a_regenerated_answer_is_reproducible_and_each_click_asks_for_a_new_one(svc):
+    uid = svc.add_user("alice", "pw")
+
+    def alternatives(clicks: int) -> list[str]:
+        conv = svc.start_conversation(uid)
+        first = svc.chat(uid, conv, "Name a colour").wait()
+        return [svc.regenerate(uid, first.message_id).wait().text for _ in range(clicks)]
+
+    once, again = alternatives(2), alternatives(2)
+    assert once == again  # the same request in a new conversation samples the same way
+    assert once[0] != once[1]  # a second click is a second attempt, not the first one repeated
+    other = svc.add_user("bob", "pw")
+    conv = svc.start_conversation(other)
+    first = svc.chat(other, conv, "Name a colour").wait()
+    assert svc.regenerate(other, first.message_id).wait().text != once[0]
+
+
+def test_alternative_seeds_follow_the_configured_seed_and_every_part_of_the_request():
+    from heed.service import alternative_seed
+
+    msgs = [{"role": "user", "content": "hi"}]
+    base = dict(user_id=1, messages=msgs, adapter_version=None, attempt=1)
+    seed = alternative_seed(0, **base)
+    assert seed == alternative_seed(0, **base) and 0 <= seed < 2**31
+    changed = [alternative_seed(1, **base), alternative_seed(0, **{**base, "user_id": 2}),
+               alternative_seed(0, **{**base, "adapter_version": 3}), alternative_seed(0, **{**base, "attempt": 2}),
+               alternative_seed(0, **{**base, "messages": [{"role": "user", "content": "hi!"}]})]
+    assert seed not in changed and len(set(changed)) == len(changed)
+
+
 def test_rating_must_be_one_to_five(svc):
     uid = svc.add_user("alice", "pw")
     conv = svc.start_conversation(uid)

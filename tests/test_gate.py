@@ -55,7 +55,8 @@ def test_gate_refuses_drift_and_lost_likelihood_beyond_their_limits(trained):
     h, uid, _ = trained
     active = h.store.active_adapter(user_id=uid)["path"]
     heldout = h.store.list_pairs(user_id=uid, split="heldout")
-    strict = replace(h.config, learner=replace(h.config.learner, gate_max_kl=1e-9, gate_min_logp_gain=1e9))
+    strict = replace(h.config, learner=replace(h.config.learner, gate_max_kl=1e-9, gate_min_logp_gain=1e9, gate_min_heldout=1))
+    assert heldout  # one of the twelve questions is held out
     verdict = evaluate(strict, candidate_dir=active, active_dir=None, heldout=heldout)
     assert not verdict["promote"]
     assert any("drift from the base" in r for r in verdict["reasons"])

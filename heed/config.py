@@ -68,7 +68,7 @@ class GenerationConfig:
     system_prompt: str = _f("You are a helpful AI assistant named Heed.", "System message put before every conversation.")
     max_message_chars: int = _f(8000, "Longest user message, edit or correction accepted, in characters.")
     max_context_tokens: int = _f(1536, "Oldest turns are dropped so the prompt fits in this many tokens.")
-    seed: int = _f(0, "Seed for sampling, so a sampled reply can be reproduced.")
+    seed: int = _f(0, "Seed that, with the request (user, context, adapter, which click), fixes each regenerated answer.")
 
     def __post_init__(self) -> None:
         _check(1 <= self.max_new_tokens <= 8192, "generation.max_new_tokens", "must be between 1 and 8192")

@@ -88,6 +88,29 @@ def test_the_gate_audit_replays_every_adapter_version_of_a_kept_run(quick):
         assert r["status"] in ("active", "retired", "rejected", "deleted")
 
 
+def test_a_second_run_gives_the_same_answers_and_figures(quick, tmp_path):
+    """Runs reproduce: users chat at once, regenerate samples, yet every shared point is identical."""
+    from bench.cli import main
+
+    first, _ = quick
+    cfg = tmp_path / "short.yaml"
+    cfg.write_text("checkpoints: [4, 8]\nkind_personas: []\n")  # the same users, fewer checkpoints, no by-kind users
+    out = tmp_path / "personalize.json"
+    assert main(["personalize", "--quick", "--bench-config", str(cfg), "--data-dir", str(tmp_path / "data"), "--out", str(out)]) == 0
+    second = json.loads(out.read_text())
+
+    def shared(res, key):
+        return [{**{k: v for k, v in p.items() if not k.endswith("seconds") and k != "learn"},
+                 "learn": {k: v for k, v in (p.get("learn") or {}).items() if k != "seconds"}}
+                for p in res["tracks"][key]["points"] if p["events"] <= 8]
+
+    for key in ("says_thanks/all", "says_hello/all"):
+        assert len(shared(second, key)) == 3
+        assert shared(second, key) == shared(first, key)
+    assert any(t["events_by_kind"]["comparison"] for t in [second["tracks"][k]["points"][-1] for k in second["tracks"]]), \
+        "no user picked between two sampled answers: the check would not cover regenerate"
+
+
 def test_a_run_that_dies_midway_leaves_the_last_finished_result_in_place(tmp_path, monkeypatch):
     from bench import personalize
     from bench.cli import main

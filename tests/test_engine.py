@@ -103,6 +103,18 @@ def test_a_mixed_batch_gives_every_row_its_own_adapter(world):
     assert len(set(alone.values())) == 4, "the random adapters should answer differently"
 
 
+def test_padding_a_short_prompt_beside_a_long_one_changes_no_answer(world):
+    # Runs of the benchmark reproduce only if an answer does not depend on who else shares its batch.
+    config, engine, (a, b, _) = world
+    asks = [[{"role": "user", "content": "Hi"}], [{"role": "user", "content": "Tell me, in some detail, why the sky looks blue at noon " * 3}],
+            ASK, [{"role": "user", "content": "And the sea?"}]]
+    order = [a, None, b, a]
+    alone = [engine.generate(m, adapter=r) for m, r in zip(asks, order)]
+    assert len({len(engine.prompt_ids(m)) for m in asks}) == len(asks)  # every row is padded differently
+    assert engine.generate_batch(asks, adapters=order) == alone
+    assert engine.generate_batch(asks[::-1], adapters=order[::-1]) == alone[::-1]
+
+
 def test_users_asking_at_once_share_a_batch_and_never_get_each_others_adapter(world):
     config, engine, (a, b, c) = world
     users = [a, None, b, c, a, None]

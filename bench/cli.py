@@ -1,4 +1,4 @@
-"""`heed bench personalize|perf|load|gate-audit|recipes|report`: every command takes --out FILE and --config FILE."""
+"""`heed bench personalize|perf|load|gate-audit|recipes|correction-phrasing|report`: every command takes --out FILE and --config FILE."""
 from __future__ import annotations
 
 import importlib.util
@@ -10,6 +10,7 @@ COMMANDS = {
     "load": ("bench.load", "many users at once against a running server"),
     "gate-audit": ("bench.gate_audit", "after a kept personalize run: was each gate refusal right?"),
     "recipes": ("bench.recipes", "learner recipes compared on one fixed set of collected feedback"),
+    "correction-phrasing": ("bench.correction_phrasing", "which wording of an in-session correction the model follows"),
     "report": ("bench.report_cli", "render the latest results into bench/results/REPORT.md"),
 }
 

@@ -42,6 +42,19 @@ def _command(res: dict) -> str:
     return "heed bench personalize" + (" --quick" if quick else "")
 
 
+def _setting(value) -> str:
+    return value if value == "(no such setting)" else repr(value)
+
+
+def recipe_differences(theirs: dict | None, ours: dict | None) -> dict:
+    """{learner key: (their value, our value)} where two results' learner configs differ ({} when either is unknown)."""
+    if not theirs or not ours:
+        return {}
+    missing = "(no such setting)"  # a key one of the two runs' code did not have yet
+    return {k: (theirs.get(k, missing), ours.get(k, missing)) for k in sorted(set(theirs) | set(ours))
+            if theirs.get(k, missing) != ours.get(k, missing)}
+
+
 def personalize_md(res: dict, *, images: dict[str, str]) -> str:
     b = res.get("bench", {})
     lines = [
@@ -82,6 +95,12 @@ def personalize_md(res: dict, *, images: dict[str, str]) -> str:
         lines += ["", "## By feedback kind", "", "The same persona learning from one kind of feedback alone (a fresh user each)."
                   + (" From a separate run: `heed bench personalize --bench-config bench/kinds.yaml --out bench/results/personalize_kinds.json`."
                      if res.get("kinds_from") else "")]
+        differs = res.get("kinds_recipe_differs") or {}
+        if differs:
+            # An older by-kind run stays useful, but only beside the recipe it was measured with.
+            lines[-1] += (" **That run used another learner recipe than the run above**: "
+                          + ", ".join(f"{k} {_setting(v[0])} (above: {_setting(v[1])})" for k, v in sorted(differs.items()))
+                          + "; its curves compare kinds with each other, not with the mix above.")
         for name, tracks in kinds.items():
             cps = sorted({int(c) for t in tracks.values() for c in t})
             lines += ["", f"| {name} | " + " | ".join(f"after {c}" for c in cps) + " |", "|---|" + "---|" * len(cps)]

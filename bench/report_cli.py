@@ -5,7 +5,7 @@ import argparse
 import json
 from pathlib import Path
 
-from bench.report import load, perf_md, personalize_md, write_personalize
+from bench.report import load, perf_md, personalize_md, recipe_differences, write_personalize
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -20,7 +20,8 @@ def render(results_dir: Path, *, config: str | None = None) -> str:
     by_kind = load(results_dir / "personalize_kinds.json")
     if pers and by_kind and by_kind.get("kinds"):
         # The by-kind tracks ran on their own (bench/kinds.yaml): they replace the full run's skipped ones.
-        pers = {**pers, "kinds": by_kind["kinds"], "kinds_from": "personalize_kinds.json", "skipped": {
+        pers = {**pers, "kinds": by_kind["kinds"], "kinds_from": "personalize_kinds.json",
+                "kinds_recipe_differs": recipe_differences(by_kind.get("learner_config"), pers.get("learner_config")), "skipped": {
             k: v for k, v in (pers.get("skipped") or {}).items() if k.split("/")[0] not in by_kind["kinds"]}}
     if pers:
         md_path = write_personalize(pers, results_dir / "personalize.json")

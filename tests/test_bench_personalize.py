@@ -72,6 +72,21 @@ def test_the_report_puts_a_separate_by_kind_run_beside_the_full_one(quick, tmp_p
     assert "By feedback kind" in page and "bench/kinds.yaml" in page
     assert "Not measured in this run" not in page, "the by-kind run fills the skipped tracks"
     assert (tmp_path / "personalize_kinds.png").stat().st_size > 1000
+    assert "another learner recipe" not in page, "no recipe recorded: nothing to warn about"
+
+
+def test_the_report_says_when_the_by_kind_run_used_another_recipe(quick, tmp_path):
+    from bench.report_cli import render
+
+    res, _ = quick
+    ours = res["learner_config"]
+    older = {**ours, "learning_rate": ours["learning_rate"] * 10, "epochs": ours["epochs"] + 5}
+    (tmp_path / "personalize.json").write_text(json.dumps({**res, "kinds": {}}))
+    (tmp_path / "personalize_kinds.json").write_text(json.dumps({"kinds": res["kinds"], "learner_config": older}))
+    page = render(tmp_path)
+    assert "another learner recipe" in page
+    assert f"learning_rate {older['learning_rate']!r} (above: {ours['learning_rate']!r})" in page
+    assert f"epochs {older['epochs']!r} (above: {ours['epochs']!r})" in page
 
 
 def test_the_gate_audit_replays_every_adapter_version_of_a_kept_run(quick):

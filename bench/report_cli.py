@@ -30,6 +30,9 @@ def render(results_dir: Path, *, config: str | None = None) -> str:
         del md_path
     else:
         parts += ["", "## How well does Heed learn?", "", "No personalization results yet: run `heed bench personalize`."]
+    draws = [d for d in (load(f) for f in sorted(results_dir.glob("personalize_seed*.json"))) if d and d.get("personas")]
+    if pers and draws:
+        parts += ["", draws_md(pers, draws)]
     audit = load(results_dir / "gate_audit.json")
     if audit:
         parts += ["", gate_audit_md(audit, pers)]
@@ -42,6 +45,45 @@ def render(results_dir: Path, *, config: str | None = None) -> str:
     return "\n".join(parts) + "\n"
 
 
+def _seed(res: dict) -> int | None:
+    return (res.get("bench") or {}).get("seed")
+
+
+def draws_md(main: dict, draws: list[dict]) -> str:
+    """The main run beside runs of the same code with other draws of the simulated users (``bench.seed``)."""
+    runs = [main, *draws]
+    cps = [c for c in (main.get("bench") or {}).get("checkpoints", []) if all(str(c) in p["curve"] for r in runs for p in r["personas"].values())]
+    lines = ["### Other draws of the simulated users", "",
+             "The same benchmark with another `bench.seed`: the simulated users ask other prompts, in another order, and "
+             "pick other feedback kinds and answers; learner, judges and held-out prompts are the same. How far a persona's "
+             "figures move between draws is how far one run can be trusted, and what a recipe change must beat. "
+             "Regenerate a draw with `heed bench personalize --bench-config bench/seed1.yaml --out bench/results/personalize_seed1.json`.", ""]
+    for d in draws:
+        differs = recipe_differences(d.get("learner_config"), main.get("learner_config"))
+        if differs:
+            lines += [f"Draw {_seed(d)} ran another learner recipe: " + ", ".join(f"{k} {v[0]!r} (main: {v[1]!r})" for k, v in differs.items()) + ".", ""]
+    lines += ["| persona | draw | " + " | ".join(f"after {c}" for c in cps) + f" | degenerate @{cps[-1] if cps else '–'} | learner @{cps[-1] if cps else '–'} |",
+              "|---|---|" + "---|" * len(cps) + "---|---|"]
+    for name in main["personas"]:
+        for r in runs:
+            p = r["personas"].get(name)
+            if p is None:
+                continue
+            status = (p.get("learner_status") or {}).get(str(cps[-1])) if cps else None
+            lines.append(f"| {name} | {_seed(r)} | " + " | ".join(f"{100 * p['curve'][str(c)]:.0f}%" for c in cps)
+                         + f" | {100 * p['degenerate']:.0f}% | {status or '–'} |")
+    if cps:
+        last = str(cps[-1])
+        spread = []
+        for name in main["personas"]:
+            vals = [r["personas"][name]["curve"][last] for r in runs if name in r["personas"]]
+            spread.append(f"{name} {100 * min(vals):.0f}–{100 * max(vals):.0f}%")
+        means = [f"draw {_seed(r)} {100 * sum(p['curve'][last] for p in r['personas'].values()) / len(r['personas']):.0f}%" for r in runs]
+        lines += ["", f"After {last} events, across draws: " + ", ".join(spread) + ". Mean over personas: " + ", ".join(means)
+                  + ". Run times: " + ", ".join(f"draw {_seed(r)} {r.get('seconds', 0) / 60:.0f} min" for r in runs) + "."]
+    return "\n".join(lines)
+
+
 def _kept_acceptance(pers: dict | None, user: str, version: int) -> float | None:
     """Held-out acceptance of the adapter the user kept when ``version`` was refused (from personalize.json)."""
     track = ((pers or {}).get("tracks") or {}).get(user.replace("-", "/"))
@@ -51,23 +93,36 @@ def _kept_acceptance(pers: dict | None, user: str, version: int) -> float | None
     return None
 
 
+def _refusals(pers: dict | None) -> set[tuple[str, int]]:
+    return {(t.replace("/", "-"), p["learn"]["version"]) for t, rec in ((pers or {}).get("tracks") or {}).items()
+            for p in rec["points"] if (p.get("learn") or {}).get("status") == "rejected"}
+
+
+def _audits_this_run(rows: list[dict], pers: dict | None) -> bool:
+    """Do the audit's refused candidates match the personalize run's refusals one for one?"""
+    return bool(pers) and {(r["user"], r["version"]) for r in rows} == _refusals(pers)
+
+
 def gate_audit_md(audit: dict, pers: dict | None = None) -> str:
     """The refused candidates of a kept personalization run, with what the gate could not see: their acceptance."""
     from heed.config import LearnerConfig
 
     rows = [r for r in audit["rows"] if r["status"] == "rejected"]
+    same_run = _audits_this_run(rows, pers)
     lines = ["## Gate audit", "",
              "Every candidate the gate refused in a kept personalization run, measured afterwards on the same held-out "
              f"prompts ({audit['n_heldout_prompts']}) by its persona's judge (`heed bench gate-audit`). `chosen gain` and "
              "`margin gain` are per-token log-likelihood changes on the user's held-out pairs against the adapter it was judged against. "
              f"Heed's likelihood bound now: {LearnerConfig().gate_min_logp_gain} nats/token (`learner.gate_min_logp_gain`).",
+             *([] if same_run else ["", "**This audit is of an earlier run than the figures above** (its refusals are not this run's), so the "
+                                        "kept adapters' acceptance is left out: rerun `heed bench gate-audit` on a kept run to line them up."]),
              "", "| user | version | refused because | its acceptance | kept adapter's | degenerate | chosen gain | margin gain |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         why = "; ".join(r.get("gate_reasons") or []) or "–"
         acc = f"{100 * r['accept']:.0f}%" if r.get("accept") is not None else "–"
         deg = f"{100 * r['degenerate']:.0f}%" if r.get("degenerate") is not None else "–"
-        kept = _kept_acceptance(pers, r["user"], r["version"])
+        kept = _kept_acceptance(pers, r["user"], r["version"]) if same_run else None
         kept = f"{100 * kept:.0f}%" if kept is not None else "–"
         lines.append(f"| {r['user']} | {r['version']} | {why} | {acc} | {kept} | {deg} | {r['chosen_gain']} | {r['margin_gain']} |")
     return "\n".join(lines)

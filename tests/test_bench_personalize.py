@@ -143,3 +143,30 @@ def test_a_run_that_dies_midway_leaves_the_last_finished_result_in_place(tmp_pat
     assert json.loads(out.read_text())["from"] == "the last full run"
     partial = json.loads((out.parent / "personalize.partial.json").read_text())
     assert partial["finished"] is False and partial["base"]["accept"]
+
+
+def test_the_report_sets_another_draw_of_the_users_beside_the_main_run(quick, tmp_path):
+    from bench.report_cli import render
+
+    res, _ = quick
+    other = json.loads(json.dumps(res))
+    other["bench"]["seed"] = res["bench"]["seed"] + 1
+    (tmp_path / "personalize.json").write_text(json.dumps(res))
+    (tmp_path / f"personalize_seed{other['bench']['seed']}.json").write_text(json.dumps(other))
+    page = render(tmp_path)
+    assert "Other draws of the simulated users" in page
+    for name in res["personas"]:
+        for seed in (res["bench"]["seed"], other["bench"]["seed"]):
+            assert f"| {name} | {seed} |" in page
+    assert "ran another learner recipe" not in page
+
+
+def test_a_gate_audit_lines_up_with_a_run_only_when_their_refusals_match():
+    from bench.report_cli import _audits_this_run
+
+    pers = {"tracks": {"brief/all": {"points": [{"events": 0}, {"learn": {"status": "promoted", "version": 1}},
+                                                {"learn": {"status": "rejected", "version": 2}}]}}}
+    assert _audits_this_run([{"user": "brief-all", "version": 2}], pers)
+    assert not _audits_this_run([{"user": "brief-all", "version": 1}], pers), "v1 was promoted in this run"
+    assert not _audits_this_run([{"user": "brief-all", "version": 2}, {"user": "bullets-all", "version": 1}], pers)
+    assert not _audits_this_run([{"user": "brief-all", "version": 2}], None)

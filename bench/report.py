@@ -42,17 +42,23 @@ def _command(res: dict) -> str:
     return "heed bench personalize" + (" --quick" if quick else "")
 
 
-def _setting(value) -> str:
-    return value if value == "(no such setting)" else repr(value)
+_NO_SUCH_SETTING = "(no such setting)"  # a key one of the two runs' code did not have yet
 
 
 def recipe_differences(theirs: dict | None, ours: dict | None) -> dict:
     """{learner key: (their value, our value)} where two results' learner configs differ ({} when either is unknown)."""
     if not theirs or not ours:
         return {}
-    missing = "(no such setting)"  # a key one of the two runs' code did not have yet
-    return {k: (theirs.get(k, missing), ours.get(k, missing)) for k in sorted(set(theirs) | set(ours))
-            if theirs.get(k, missing) != ours.get(k, missing)}
+    return {k: (theirs.get(k, _NO_SUCH_SETTING), ours.get(k, _NO_SUCH_SETTING)) for k in sorted(set(theirs) | set(ours))
+            if theirs.get(k, _NO_SUCH_SETTING) != ours.get(k, _NO_SUCH_SETTING)}
+
+
+def differences_text(differs: dict, *, ours: str) -> str:
+    """'key theirs (OURS: ours), ...' for a recipe_differences result."""
+    def show(value) -> str:
+        return value if value == _NO_SUCH_SETTING else repr(value)
+
+    return ", ".join(f"{k} {show(a)} ({ours}: {show(b)})" for k, (a, b) in sorted(differs.items()))
 
 
 def personalize_md(res: dict, *, images: dict[str, str]) -> str:
@@ -99,7 +105,7 @@ def personalize_md(res: dict, *, images: dict[str, str]) -> str:
         if differs:
             # An older by-kind run stays useful, but only beside the recipe it was measured with.
             lines[-1] += (" **That run used another learner recipe than the run above**: "
-                          + ", ".join(f"{k} {_setting(v[0])} (above: {_setting(v[1])})" for k, v in sorted(differs.items()))
+                          + differences_text(differs, ours="above")
                           + "; its curves compare kinds with each other, not with the mix above.")
         for name, tracks in kinds.items():
             cps = sorted({int(c) for t in tracks.values() for c in t})

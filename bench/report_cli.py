@@ -5,7 +5,7 @@ import argparse
 import json
 from pathlib import Path
 
-from bench.report import load, perf_md, personalize_md, recipe_differences, write_personalize
+from bench.report import differences_text, load, perf_md, personalize_md, recipe_differences, write_personalize
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -61,7 +61,7 @@ def draws_md(main: dict, draws: list[dict]) -> str:
     for d in draws:
         differs = recipe_differences(d.get("learner_config"), main.get("learner_config"))
         if differs:
-            lines += [f"Draw {_seed(d)} ran another learner recipe: " + ", ".join(f"{k} {v[0]!r} (main: {v[1]!r})" for k, v in differs.items()) + ".", ""]
+            lines += [f"Draw {_seed(d)} ran another learner recipe: " + differences_text(differs, ours="main") + ".", ""]
     lines += ["| persona | draw | " + " | ".join(f"after {c}" for c in cps) + f" | degenerate @{cps[-1] if cps else '–'} | learner @{cps[-1] if cps else '–'} |",
               "|---|---|" + "---|" * len(cps) + "---|---|"]
     for name in main["personas"]:

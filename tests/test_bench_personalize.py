@@ -170,3 +170,16 @@ def test_a_gate_audit_lines_up_with_a_run_only_when_their_refusals_match():
     assert not _audits_this_run([{"user": "brief-all", "version": 1}], pers), "v1 was promoted in this run"
     assert not _audits_this_run([{"user": "brief-all", "version": 2}, {"user": "bullets-all", "version": 1}], pers)
     assert not _audits_this_run([{"user": "brief-all", "version": 2}], None)
+
+
+def test_a_draw_with_another_recipe_is_named_as_such():
+    from bench.report_cli import draws_md
+
+    curve = {"0": 0.0, "4": 0.5}
+    main = {"bench": {"seed": 0, "checkpoints": [4]}, "learner_config": {"learning_rate": 0.002},
+            "personas": {"brief": {"curve": curve, "degenerate": 0.0, "learner_status": {"4": "promoted"}}}}
+    other = {**main, "bench": {"seed": 1, "checkpoints": [4]}, "learner_config": {"learning_rate": 0.001, "epochs": 3}}
+    page = draws_md(main, [other])
+    assert "Draw 1 ran another learner recipe: epochs 3 (main: (no such setting)), learning_rate 0.001 (main: 0.002)." in page
+    assert "| brief | 0 | 50% |" in page and "| brief | 1 | 50% |" in page
+    assert "ran another learner recipe" not in draws_md(main, [{**other, "learner_config": main["learner_config"]}])

@@ -135,7 +135,8 @@ class LearnerConfig:
     # DPO lowers held-out chosen likelihood by 0.1-0.4 nats/token even when answers get better: every candidate
     # the old -0.1 refused in the full benchmark was as good or better by its persona's judge (bench/results/gate_audit.json).
     gate_min_logp_gain: float = _f(-0.5, "Refuse when held-out chosen log-likelihood per token drops below this vs the active adapter...")
-    gate_min_heldout: int = _f(2, "...judged only with at least this many held-out examples (one is noise).")
+    gate_min_heldout: int = _f(2, "...judged only with at least this many held-out examples (one is noise)...")
+    gate_min_margin_gain: float = _f(0.0, "...unless the held-out chosen-vs-rejected margin per token grew by more than this vs the active adapter (displacement, not forgetting).")
     schedule_minutes: int = _f(30, "Interval of `heed learn --schedule` (used when schedule_cron is empty).")
     schedule_cron: str = _f("", "Crontab line for `heed learn --schedule` (e.g. '0 3 * * *'); empty uses schedule_minutes.")
     lease_seconds: int = _f(900, "A run's claim on a user; renewed while it trains, so it expires only after a crash.")
@@ -176,6 +177,7 @@ class LearnerConfig:
         _check(1 <= self.gate_min_heldout <= 1000, "learner.gate_min_heldout", "must be between 1 and 1000")
         _check(0.0 <= self.gate_max_cutoff_increase <= 1.0, "learner.gate_max_cutoff_increase", "must be in [0, 1]")
         _check(self.gate_max_kl > 0, "learner.gate_max_kl", "must be > 0")
+        _check(math.isfinite(self.gate_min_margin_gain), "learner.gate_min_margin_gain", "must be a finite number")
         _check(1 <= self.schedule_minutes <= 10_080, "learner.schedule_minutes", "must be between 1 and 10080")
         if self.schedule_cron.strip():
             _check(len(self.schedule_cron.split()) == 5, "learner.schedule_cron", "must have 5 fields: minute hour day month weekday")

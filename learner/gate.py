@@ -14,7 +14,9 @@ on the user's held-out contexts plus a fixed set of probe prompts:
   loose bound (``gate_min_logp_gain``), because DPO lowers held-out chosen
   likelihood a little even while answers improve (likelihood displacement), and a
   user's held-out set is a handful of pairs; it catches a candidate that forgot
-  the user's preferences, not one that expresses them in its own words.
+  the user's preferences, not one that expresses them in its own words. Where
+  held-out pairs give a chosen-vs-rejected margin, a candidate whose margin grew
+  (``gate_min_margin_gain``) kept the preference and is not refused for it.
 
 The gate answers a fixed number of contexts (``gate_answers``): the user's
 held-out ones first, probe prompts for the rest, so it costs the same for a
@@ -34,7 +36,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
-from heed.config import HeedConfig
+from heed.config import HeedConfig, LearnerConfig
 from heed.quality import degeneration
 
 log = logging.getLogger(__name__)
@@ -157,6 +159,30 @@ def _judge(outs: list[tuple[str, bool]], contexts: list[list[dict]]) -> tuple[fl
     return len(reasons) / n, cut / n, reasons
 
 
+def likelihood_refusal(gain: float | None, n_gain: int, margin: float | None, n_margin: int, *,
+                       config: LearnerConfig) -> str | None:
+    """Why the held-out likelihood refuses a candidate, or None.
+
+    Lost chosen likelihood alone is displacement as often as forgetting: DPO
+    shortening answers lowers the chosen answer's likelihood while the
+    rejected one's falls further. Forgetting the user's preferences lowers the
+    margin too, so when the held-out pairs give a margin, the bound refuses
+    only if that margin did not grow either. Measured in the second benchmark
+    draw: brief's candidates at -0.906 and -0.536 nats/token, margins +0.007
+    and +0.064, were refused, and would have answered 66% and 62% accepted (0%
+    degenerate) against the 44% of the adapter the user kept
+    (bench/results/gate_audit_seed1.json).
+    """
+    if gain is None or n_gain < config.gate_min_heldout or gain >= config.gate_min_logp_gain:
+        return None
+    why = f"held-out chosen answers got less likely ({gain:+.3f} nats/token)"
+    if margin is None or n_margin < config.gate_min_heldout:
+        return why
+    if margin > config.gate_min_margin_gain:
+        return None
+    return f"{why} and their margin over the rejected answers did not grow ({margin:+.3f})"
+
+
 def evaluate(config: HeedConfig, **kw) -> dict:
     """Gate figures for the candidate and the verdict: {'promote': bool, 'reasons': [...], ...}.
 
@@ -236,8 +262,9 @@ def _evaluate(config: HeedConfig, *, candidate_dir: str, active_dir: str | None,
             lp, tgt = _token_logprobs(engine.base, engine.device, ids, start)
             return float(lp.gather(-1, tgt[:, None]).sum()), len(tgt)
 
-        # Held-out chosen answers: log-likelihood per token, candidate vs active; implicit reward vs the base.
-        gains, correct, n_pairs = [], 0, 0
+        # Held-out chosen answers: log-likelihood per token, candidate vs active; the chosen-vs-rejected margin
+        # per token, candidate vs active; implicit reward vs the base.
+        gains, margins, correct = [], [], 0
         for p in heldout:
             chosen = p.get("chosen") or (p.get("completion") if p.get("label", 1) else None)
             if not chosen:
@@ -245,15 +272,19 @@ def _evaluate(config: HeedConfig, *, candidate_dir: str, active_dir: str | None,
             msgs = [system, *p["prompt"]]
             lc_c, n = logp(cand, msgs, chosen)
             lc_a, _ = logp(act, msgs, chosen)
-            gains.append((lc_c - lc_a) / max(n, 1))
+            n = max(n, 1)
+            gains.append((lc_c - lc_a) / n)
             if p.get("rejected"):
+                lr_c, k = logp(cand, msgs, p["rejected"])
+                lr_a, _ = logp(act, msgs, p["rejected"])
+                k = max(k, 1)
+                margins.append((lc_c / n - lr_c / k) - (lc_a / n - lr_a / k))
                 lb_c, _ = logp(None, msgs, chosen)
-                lr_c, _ = logp(cand, msgs, p["rejected"])
                 lr_b, _ = logp(None, msgs, p["rejected"])
                 correct += (lc_c - lb_c) > (lr_c - lr_b)
-                n_pairs += 1
         engine.activate(None)
     gain = sum(gains) / len(gains) if gains else None
+    margin = sum(margins) / len(margins) if margins else None
 
     reasons = []
     n = len(contexts)
@@ -264,8 +295,9 @@ def _evaluate(config: HeedConfig, *, candidate_dir: str, active_dir: str | None,
         reasons.append(f"answers that never end rose from {cut_a:.0%} to {cut_c:.0%}")
     if kl > lc.gate_max_kl:
         reasons.append(f"drift from the base KL {kl:.2f} > {lc.gate_max_kl}")
-    if gain is not None and len(gains) >= lc.gate_min_heldout and gain < lc.gate_min_logp_gain:
-        reasons.append(f"held-out chosen answers got less likely ({gain:+.3f} nats/token)")
+    why = likelihood_refusal(gain, len(gains), margin, len(margins), config=lc)
+    if why:
+        reasons.append(why)
     if progress:
         progress("gate", 1.0)
 
@@ -287,7 +319,9 @@ def _evaluate(config: HeedConfig, *, candidate_dir: str, active_dir: str | None,
         "kl_from_base": kl,
         "heldout_logp_gain": gain,
         "heldout_n": len(gains),
-        "implicit_reward_accuracy": correct / n_pairs if n_pairs else None,
+        "heldout_margin_gain": margin,
+        "heldout_margin_n": len(margins),
+        "implicit_reward_accuracy": correct / len(margins) if margins else None,
         "samples": [{"prompt": c[-1]["content"], "candidate": t, "active": a}
                     for c, (t, _), (a, _) in list(zip(contexts, cand_out, act_out))[-3:]],
     }

@@ -55,13 +55,46 @@ def test_gate_refuses_drift_and_lost_likelihood_beyond_their_limits(trained):
     h, uid, _ = trained
     active = h.store.active_adapter(user_id=uid)["path"]
     heldout = h.store.list_pairs(user_id=uid, split="heldout")
-    strict = replace(h.config, learner=replace(h.config.learner, gate_max_kl=1e-9, gate_min_logp_gain=1e9, gate_min_heldout=1))
+    strict = replace(h.config, learner=replace(h.config.learner, gate_max_kl=1e-9, gate_min_logp_gain=1e9, gate_min_heldout=1,
+                                               gate_min_margin_gain=1e9))
     assert heldout  # one of the twelve questions is held out
     verdict = evaluate(strict, candidate_dir=active, active_dir=None, heldout=heldout)
     assert not verdict["promote"]
     assert any("drift from the base" in r for r in verdict["reasons"])
-    assert any("less likely" in r for r in verdict["reasons"])
+    assert any("less likely" in r and "margin" in r for r in verdict["reasons"])
     assert verdict["implicit_reward_accuracy"] is not None  # reported, never decisive
+
+
+def test_lost_likelihood_is_not_refused_when_the_held_out_margin_grew(trained):
+    h, uid, _ = trained
+    active = h.store.active_adapter(user_id=uid)["path"]
+    heldout = h.store.list_pairs(user_id=uid, split="heldout")
+    assert any(p.get("rejected") for p in heldout)
+    # Every gain counts as lost; the trained adapter's margin over the base's blank answers grew, so it is kept.
+    strict = replace(h.config, learner=replace(h.config.learner, gate_min_logp_gain=1e9, gate_min_heldout=1))
+    verdict = evaluate(strict, candidate_dir=active, active_dir=None, heldout=heldout)
+    assert verdict["heldout_margin_gain"] > 0 and verdict["heldout_margin_n"] >= 1
+    assert not any("less likely" in r for r in verdict["reasons"]), verdict["reasons"]
+
+
+@pytest.mark.parametrize("gain, margin, n_margin, refused", [
+    (-0.906, 0.007, 2, False),  # brief v2 in the second draw: refused then, 66% accepted against the kept 44%
+    (-0.536, 0.064, 2, False),  # brief v3 there: 62%
+    (-0.906, -0.2, 2, True),    # the chosen answers and the preference both lost: forgetting
+    (-0.906, 0.0, 2, True),     # a margin that did not grow saves nothing
+    (-0.906, None, 0, True),    # thumbs only: no margin, the bound alone decides
+    (-0.906, 0.5, 1, True),     # one pair's margin is as noisy as one example's likelihood
+    (-0.3, -0.2, 2, False),     # inside the bound
+    (None, None, 0, False),
+])
+def test_the_likelihood_bound_refuses_only_when_the_margin_did_not_grow(gain, margin, n_margin, refused):
+    from heed.config import LearnerConfig
+    from learner.gate import likelihood_refusal
+
+    why = likelihood_refusal(gain, 2, margin, n_margin, config=LearnerConfig())
+    assert (why is not None) == refused, why
+    if why and margin is not None and n_margin >= 2:
+        assert f"{margin:+.3f}" in why
 
 
 @pytest.mark.parametrize("answer, finished, why", [

@@ -36,6 +36,12 @@ def render(results_dir: Path, *, config: str | None = None) -> str:
     audit = load(results_dir / "gate_audit.json")
     if audit:
         parts += ["", gate_audit_md(audit, pers)]
+    for f in sorted(results_dir.glob("gate_audit_seed*.json")):
+        seed = f.stem.removeprefix("gate_audit_seed")
+        other = load(f)
+        if other:
+            draw = next((d for d in draws if str(_seed(d)) == seed), None)
+            parts += ["", gate_audit_md(other, draw, title=f"Gate audit of draw {seed}")]
     perf = load(results_dir / "perf.json")
     parts += ["", perf_md(perf).replace("# Performance", "## Performance", 1) if perf else "## Performance\n\nNo results yet: run `heed bench perf`."]
     loadres = load(results_dir / "load.json")
@@ -103,17 +109,19 @@ def _audits_this_run(rows: list[dict], pers: dict | None) -> bool:
     return bool(pers) and {(r["user"], r["version"]) for r in rows} == _refusals(pers)
 
 
-def gate_audit_md(audit: dict, pers: dict | None = None) -> str:
+def gate_audit_md(audit: dict, pers: dict | None = None, *, title: str = "Gate audit") -> str:
     """The refused candidates of a kept personalization run, with what the gate could not see: their acceptance."""
     from heed.config import LearnerConfig
 
+    lc = LearnerConfig()
     rows = [r for r in audit["rows"] if r["status"] == "rejected"]
     same_run = _audits_this_run(rows, pers)
-    lines = ["## Gate audit", "",
+    lines = [f"## {title}", "",
              "Every candidate the gate refused in a kept personalization run, measured afterwards on the same held-out "
              f"prompts ({audit['n_heldout_prompts']}) by its persona's judge (`heed bench gate-audit`). `chosen gain` and "
              "`margin gain` are per-token log-likelihood changes on the user's held-out pairs against the adapter it was judged against. "
-             f"Heed's likelihood bound now: {LearnerConfig().gate_min_logp_gain} nats/token (`learner.gate_min_logp_gain`).",
+             f"Heed's likelihood bound now: {lc.gate_min_logp_gain} nats/token (`learner.gate_min_logp_gain`), which refuses only when "
+             f"the margin gain, where held-out pairs give one, is also at most {lc.gate_min_margin_gain} (`learner.gate_min_margin_gain`).",
              *([] if same_run else ["", "**This audit is of an earlier run than the figures above** (its refusals are not this run's), so the "
                                         "kept adapters' acceptance is left out: rerun `heed bench gate-audit` on a kept run to line them up."]),
              "", "| user | version | refused because | its acceptance | kept adapter's | degenerate | chosen gain | margin gain |",

@@ -183,3 +183,24 @@ def test_a_draw_with_another_recipe_is_named_as_such():
     assert "Draw 1 ran another learner recipe: epochs 3 (main: (no such setting)), learning_rate 0.001 (main: 0.002)." in page
     assert "| brief | 0 | 50% |" in page and "| brief | 1 | 50% |" in page
     assert "ran another learner recipe" not in draws_md(main, [{**other, "learner_config": main["learner_config"]}])
+
+
+def test_a_draws_own_gate_audit_is_joined_with_that_draw(tmp_path):
+    from bench.report_cli import render
+
+    def draw(seed: int, refused: int) -> dict:
+        points = [{"events": 0, "accept": {"brief": 0.0}},
+                  {"events": 4, "accept": {"brief": 0.44}, "learn": {"status": "promoted", "version": 1}},
+                  {"events": 8, "accept": {"brief": 0.44}, "learn": {"status": "rejected", "version": refused}}]
+        return {"bench": {"seed": seed, "checkpoints": [4, 8]}, "tracks": {"brief/all": {"persona": "brief", "points": points}},
+                "personas": {"brief": {"base": 0.0, "curve": {"0": 0.0, "4": 0.44, "8": 0.44}, "degenerate": 0.0,
+                                       "others_max_delta": 0.0}}}
+
+    (tmp_path / "personalize_seed1.json").write_text(json.dumps(draw(1, 2)))
+    row = {"user": "brief-all", "version": 2, "status": "rejected", "gate_reasons": ["held-out chosen answers got less likely"],
+           "accept": 0.66, "degenerate": 0.0, "chosen_gain": -0.906, "margin_gain": 0.007}
+    (tmp_path / "gate_audit_seed1.json").write_text(json.dumps({"n_heldout_prompts": 32, "rows": [row]}))
+    page = render(tmp_path)
+    audit = page.split("## Gate audit of draw 1", 1)[1]
+    assert "| brief-all | 2 | held-out chosen answers got less likely | 66% | 44% | 0% | -0.906 | 0.007 |" in audit
+    assert "earlier run" not in audit and "learner.gate_min_margin_gain" in audit

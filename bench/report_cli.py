@@ -116,12 +116,13 @@ def gate_audit_md(audit: dict, pers: dict | None = None, *, title: str = "Gate a
     lc = LearnerConfig()
     rows = [r for r in audit["rows"] if r["status"] == "rejected"]
     same_run = _audits_this_run(rows, pers)
-    lines = [f"## {title}", "",
-             "Every candidate the gate refused in a kept personalization run, measured afterwards on the same held-out "
+    intro = ("Every candidate the gate refused in a kept personalization run, measured afterwards on the same held-out "
              f"prompts ({audit['n_heldout_prompts']}) by its persona's judge (`heed bench gate-audit`). `chosen gain` and "
              "`margin gain` are per-token log-likelihood changes on the user's held-out pairs against the adapter it was judged against. "
              f"Heed's likelihood bound now: {lc.gate_min_logp_gain} nats/token (`learner.gate_min_logp_gain`), which refuses only when "
-             f"the margin gain, where held-out pairs give one, is also at most {lc.gate_min_margin_gain} (`learner.gate_min_margin_gain`).",
+             f"the margin gain, where held-out pairs give one, is also at most {lc.gate_min_margin_gain} (`learner.gate_min_margin_gain`).")
+    lines = [f"## {title}", "",
+             intro if title == "Gate audit" else f"As in the gate audit above, on {audit['n_heldout_prompts']} held-out prompts.",
              *([] if same_run else ["", "**This audit is of an earlier run than the figures above** (its refusals are not this run's), so the "
                                         "kept adapters' acceptance is left out: rerun `heed bench gate-audit` on a kept run to line them up."]),
              "", "| user | version | refused because | its acceptance | kept adapter's | degenerate | chosen gain | margin gain |",

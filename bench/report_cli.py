@@ -41,7 +41,7 @@ def render(results_dir: Path, *, config: str | None = None) -> str:
         other = load(f)
         if other:
             draw = next((d for d in draws if str(_seed(d)) == seed), None)
-            parts += ["", gate_audit_md(other, draw, title=f"Gate audit of draw {seed}")]
+            parts += ["", gate_audit_md(other, draw, draw_seed=seed)]
     perf = load(results_dir / "perf.json")
     parts += ["", perf_md(perf).replace("# Performance", "## Performance", 1) if perf else "## Performance\n\nNo results yet: run `heed bench perf`."]
     loadres = load(results_dir / "load.json")
@@ -109,7 +109,7 @@ def _audits_this_run(rows: list[dict], pers: dict | None) -> bool:
     return bool(pers) and {(r["user"], r["version"]) for r in rows} == _refusals(pers)
 
 
-def gate_audit_md(audit: dict, pers: dict | None = None, *, title: str = "Gate audit") -> str:
+def gate_audit_md(audit: dict, pers: dict | None = None, *, draw_seed: str | None = None) -> str:
     """The refused candidates of a kept personalization run, with what the gate could not see: their acceptance."""
     from heed.config import LearnerConfig
 
@@ -121,8 +121,9 @@ def gate_audit_md(audit: dict, pers: dict | None = None, *, title: str = "Gate a
              "`margin gain` are per-token log-likelihood changes on the user's held-out pairs against the adapter it was judged against. "
              f"Heed's likelihood bound now: {lc.gate_min_logp_gain} nats/token (`learner.gate_min_logp_gain`), which refuses only when "
              f"the margin gain, where held-out pairs give one, is also at most {lc.gate_min_margin_gain} (`learner.gate_min_margin_gain`).")
-    lines = [f"## {title}", "",
-             intro if title == "Gate audit" else f"As in the gate audit above, on {audit['n_heldout_prompts']} held-out prompts.",
+    # Another draw's audit follows the main one, which explains the columns.
+    lines = ["## Gate audit" + (f" of draw {draw_seed}" if draw_seed is not None else ""), "",
+             intro if draw_seed is None else f"As in the gate audit above, on {audit['n_heldout_prompts']} held-out prompts.",
              *([] if same_run else ["", "**This audit is of an earlier run than the figures above** (its refusals are not this run's), so the "
                                         "kept adapters' acceptance is left out: rerun `heed bench gate-audit` on a kept run to line them up."]),
              "", "| user | version | refused because | its acceptance | kept adapter's | degenerate | chosen gain | margin gain |",

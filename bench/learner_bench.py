@@ -74,13 +74,13 @@ def child_plain(spec: dict) -> dict:
     from trl import DPOConfig, DPOTrainer
 
     from heed.config import load_config
-    from heed.engine import pick_device_dtype
+    from heed.hardware import learner_config, pick_device_dtype
     from learner.train import _epochs  # the same number of passes the learner makes (min_steps)
 
     config = load_config(spec["config"], overrides=spec["overrides"])
     lc = config.learner
     torch.set_num_threads(spec["threads"])
-    device, dtype = pick_device_dtype(config.model)
+    device, dtype = pick_device_dtype(learner_config(config).model)
     cuda = device.startswith("cuda")
     system = config.generation.system_prompt
     rows = [{"prompt": [{"role": "system", "content": system}, {"role": "user", "content": q}],
@@ -95,7 +95,7 @@ def child_plain(spec: dict) -> dict:
     args = DPOConfig(output_dir=spec["work"] + "/plain-trainer", per_device_train_batch_size=min(lc.batch_size, len(rows)),
                      num_train_epochs=_epochs(len(rows), config),
                      learning_rate=lc.learning_rate, beta=lc.beta, max_length=lc.max_length, seed=lc.seed,
-                     bf16=cuda and torch.cuda.is_bf16_supported(), gradient_checkpointing=False, activation_checkpointing=False,
+                     bf16=dtype == torch.bfloat16 or (cuda and torch.cuda.is_bf16_supported()), gradient_checkpointing=False, activation_checkpointing=False,
                      use_cpu=not cuda, report_to="none",
                      save_strategy="no", disable_tqdm=True, lr_scheduler_type="constant",
                      loss_type=losses, loss_weights=weights)

@@ -272,6 +272,7 @@ class Run:
 
 def run(config_path: str | None, *, quick: bool, out: Path, bench: BenchConfig, data_dir: str | None = None,
         keep: bool = False, command: str = "", say=print) -> dict:
+    from heed.hardware import learner_config, pick_device_dtype
     from heed.service import Heed
 
     config, used = heed_config(config_path, quick=quick, bench=bench, data_dir=data_dir)
@@ -285,6 +286,8 @@ def run(config_path: str | None, *, quick: bool, out: Path, bench: BenchConfig, 
         r.results["model"] = Path(config.model.name_or_path).name
         r.results["generation"] = {"chat": config.generation.__dict__, "eval_max_new_tokens": bench.eval_max_new_tokens}
         r.results["learner_config"] = config.learner.__dict__
+        r.results["dtypes"] = {"serving": str(pick_device_dtype(config.model)[1]).removeprefix("torch."),
+                               "learner": str(pick_device_dtype(learner_config(config).model)[1]).removeprefix("torch.")}
         r.base()
         r.learn_all()
         r.results["observer"] = r.observer_check()

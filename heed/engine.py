@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Iterator
 
 from .config import GenerationConfig, HeedConfig, ModelConfig
+from .hardware import contiguous_head_input, pick_device_dtype
 from .lora_batch import BatchStreamer, MergedAdapter, OneAdapter, Row, RowStop, mixed_lora, vanilla
 
 log = logging.getLogger(__name__)
@@ -44,20 +45,6 @@ class AdapterRef:
 
 class AdapterLoadError(RuntimeError):
     """An adapter's files are missing or unreadable."""
-
-
-def pick_device_dtype(model_cfg: ModelConfig):
-    import torch
-
-    device = model_cfg.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"model.device is {device!r} but CUDA is not available on this machine")
-    dtype_name = model_cfg.dtype
-    if dtype_name == "auto":
-        dtype_name = "bfloat16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "float32"
-    return device, getattr(torch, dtype_name)
 
 
 def serving_mode(model_cfg: ModelConfig, device: str) -> str:
@@ -89,6 +76,7 @@ def load_base(config: HeedConfig):
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True, trust_remote_code=config.model.trust_remote_code)
     model.to(device)
     model.eval()
+    contiguous_head_input(model)
     for p in model.parameters():
         p.requires_grad_(False)
     return model, tokenizer

@@ -418,7 +418,8 @@ def test_a_pair_that_only_adds_to_its_rejected_answer_can_train_by_the_sft_term_
     assert not extends("Yesterday it rained.", "Yes"), "only at a word boundary"
     rows = _Rows(AutoTokenizer.from_pretrained(tiny_model_path), "Be brief.", 128, extension_pairs="sft").dpo([pairs[0], other])
     assert rows[0]["rejected"] == rows[0]["chosen"] and rows[1]["rejected"][0]["content"] == "Long and winding."
-    config = learner_config(tmp_path, tiny_model_path, epochs=2, batch_size=2)
+    # fp32: the claim is exact arithmetic (a zero margin has no gradient); bf16 rounding differs between the two graphs.
+    config = learner_config(tmp_path, tiny_model_path, epochs=2, batch_size=2, dtype="float32")
     runs = {}
     for name, changes in {"dpo": {}, "sft": {"extension_pairs": "sft"}, "sft_alone": {"dpo_loss": "none"}}.items():
         c = replace(config, learner=replace(config.learner, **changes))

@@ -1,0 +1,160 @@
+"""`heed bench dtype`: bf16 against fp32 on this machine, for the learner and for serving.
+
+- training: the learner's own ``train_adapter`` on the same synthetic pairs
+  (``bench.learner_bench.synthetic_events``) in each dtype: seconds and losses;
+- generation: greedy tokens/s at several batch sizes (every answer runs to the
+  same length), and the peak memory of the largest batch;
+- batch invariance: of ``invariance_prompts`` prompts, how many greedy answers
+  are identical when asked alone and when asked together (left-padded to the
+  longest). This is what decides serving's dtype: with fp32 a user's answer
+  does not depend on who else is chatting, which the isolation checks rely on.
+
+The dtypes are interleaved in every round and each figure is the median of
+``repeats`` rounds (the machine is shared and noisy); torch threads come from
+the config. Results: ``bench/results/dtype.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+DTYPES = ("float32", "bfloat16")
+
+
+@dataclass
+class DtypeSettings:
+    repeats: int = 3
+    train_events: int = 8
+    batches: tuple = (1, 8, 32)
+    new_tokens: int = 48
+    invariance_prompts: int = 8
+    invariance_tokens: int = 96
+
+
+QUICK = DtypeSettings(repeats=2, train_events=4, batches=(1, 4), new_tokens=8, invariance_prompts=4, invariance_tokens=12)
+
+
+def _config(config_path: str, data_dir: str, dtype: str):
+    from heed.config import load_config
+    from heed.models import resolve_model
+
+    first = load_config(config_path)
+    return load_config(config_path, overrides={"data_dir": data_dir, "model": {"name_or_path": str(resolve_model(first)), "dtype": dtype},
+                                               "learner": {"dtype": "model"}})
+
+
+def _peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def train_once(config, pairs: list[dict], out_dir: Path) -> dict:
+    from learner.train import train_adapter
+
+    m = train_adapter(config, init_adapter=None, dpo_pairs=pairs, kto_examples=[], out_dir=out_dir)
+    return {"seconds": m["train_seconds"], "steps": m["dpo_steps"], "loss": m["dpo_loss"], "losses": m["dpo_losses"]}
+
+
+def _chats(system: str, n: int) -> list[list[dict]]:
+    from bench.prompts import PROMPTS
+
+    # Questions of different lengths, so a batch pads its shorter rows.
+    return [[{"role": "system", "content": system}, {"role": "user", "content": PROMPTS[i % len(PROMPTS)]}] for i in range(n)]
+
+
+def tokens_per_s(engine, chats: list[list[dict]], new_tokens: int) -> float:
+    engine.fixed_length = True
+    try:
+        before, t = engine.tokens_generated, time.perf_counter()
+        engine.generate_batch(chats, max_new_tokens=new_tokens)
+        return (engine.tokens_generated - before) / (time.perf_counter() - t)
+    finally:
+        engine.fixed_length = False
+
+
+def batch_invariance(engine, chats: list[list[dict]], new_tokens: int) -> dict:
+    """How many greedy answers come out the same alone, in one batch, and in that batch reversed."""
+    alone = [engine.generate_batch([c], max_new_tokens=new_tokens)[0] for c in chats]
+    together = engine.generate_batch(chats, max_new_tokens=new_tokens)
+    reverse = engine.generate_batch(chats[::-1], max_new_tokens=new_tokens)[::-1]
+    return {"prompts": len(chats), "same_in_batch": sum(a == b for a, b in zip(alone, together)),
+            "same_in_reversed_batch": sum(a == b for a, b in zip(alone, reverse))}
+
+
+def run(config_path: str, *, settings: DtypeSettings, out: Path, say=print) -> dict:
+    from bench.learner_bench import synthetic_events
+    from heed.engine import Engine, load_base, set_threads
+    from heed.hardware import cpu_has_native_bf16, pick_device_dtype
+
+    t0, load = time.time(), os.getloadavg()
+    s = settings
+    pairs = [{"prompt": [{"role": "user", "content": q}], "chosen": good, "rejected": bad, "weight": 1.0}
+             for q, bad, good in synthetic_events(s.train_events)]
+    train: dict[str, list[dict]] = {d: [] for d in DTYPES}
+    tps: dict[str, dict[int, list[float]]] = {d: {b: [] for b in s.batches} for d in DTYPES}
+    invariance: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory(prefix="heed-dtype-") as tmp:
+        configs = {d: _config(config_path, tmp, d) for d in DTYPES}
+        set_threads(configs["float32"].model.torch_threads)
+        engines = {}
+        for d, c in configs.items():
+            model, tok = load_base(c)
+            engines[d] = Engine(model, tok, model_cfg=c.model, gen_cfg=replace(c.generation, do_sample=False))
+        system = configs["float32"].generation.system_prompt
+        for d, e in engines.items():
+            invariance[d] = batch_invariance(e, _chats(system, s.invariance_prompts), s.invariance_tokens)
+            say(f"dtype: {d} batch invariance {invariance[d]}")
+        for r in range(s.repeats):
+            say(f"dtype: round {r + 1}/{s.repeats}")
+            for d in DTYPES:
+                for b in s.batches:
+                    tps[d][b].append(tokens_per_s(engines[d], _chats(system, b), s.new_tokens))
+            for d in DTYPES:
+                train[d].append(train_once(configs[d], pairs, Path(tmp) / f"adapter-{d}-{r}"))
+        device, _ = pick_device_dtype(configs["float32"].model)
+
+    med = statistics.median
+    res: dict = {
+        "config_file": config_path, "settings": {**s.__dict__, "batches": list(s.batches)},
+        "machine": platform.processor() or platform.machine(), "device": device, "cpu_native_bf16": cpu_has_native_bf16(),
+        "torch_threads": configs["float32"].model.torch_threads, "load_avg_at_start": load,
+        "train_seconds": {d: med(x["seconds"] for x in train[d]) for d in DTYPES},
+        "train_steps": train["float32"][0]["steps"],
+        "train_loss": {d: train[d][0]["loss"] for d in DTYPES},
+        "train_losses": {d: train[d][0]["losses"] for d in DTYPES},
+        "tokens_per_s": {d: {str(b): med(tps[d][b]) for b in s.batches} for d in DTYPES},
+        "batch_invariance": invariance,
+    }
+    res["train_speedup_bf16"] = res["train_seconds"]["float32"] / res["train_seconds"]["bfloat16"]
+    res["generate_speedup_bf16"] = {str(b): res["tokens_per_s"]["bfloat16"][str(b)] / res["tokens_per_s"]["float32"][str(b)] for b in s.batches}
+    res["peak_rss_mb"] = _peak_mb()
+    res["minutes"] = round((time.time() - t0) / 60, 1)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=1))
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="heed bench dtype", description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="the tiny offline model and small sizes (seconds)")
+    p.add_argument("--config", help="Heed YAML config (default: configs/default.yaml, or configs/tiny.yaml with --quick)")
+    p.add_argument("--out", help="result JSON (default: bench/results/dtype.json; quick: bench/results/quick/dtype.json)")
+    p.add_argument("--repeats", type=int, help="rounds (each dtype once per round); figures are medians")
+    args = p.parse_args(argv)
+    settings = QUICK if args.quick else DtypeSettings()
+    if args.repeats:
+        settings = replace(settings, repeats=args.repeats)
+    config = args.config or ("configs/tiny.yaml" if args.quick else "configs/default.yaml")
+    out = Path(args.out) if args.out else RESULTS / ("quick" if args.quick else "") / "dtype.json"
+    res = run(config, settings=settings, out=out)
+    print(json.dumps({k: v for k, v in res.items() if k not in ("train_losses", "settings")}, indent=1))
+    print(f"wrote {out}")
+    return 0

@@ -6,8 +6,9 @@
   same length), and the peak memory of the largest batch;
 - batch invariance: of ``invariance_prompts`` prompts, how many greedy answers
   are identical when asked alone and when asked together (left-padded to the
-  longest). This is what decides serving's dtype: with fp32 a user's answer
-  does not depend on who else is chatting, which the isolation checks rely on.
+  longest), for fp32, bf16 as served (``model.batch_invariant``, heed.invariant)
+  and plain bf16. A user's answer must not depend on who else is chatting: the
+  isolation checks and the benchmark's reproducibility rest on it.
 
 The dtypes are interleaved in every round and each figure is the median of
 ``repeats`` rounds (the machine is shared and noisy); torch threads come from
@@ -28,6 +29,8 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DTYPES = ("float32", "bfloat16")
+# Serving modes: (dtype, model.batch_invariant). bf16 is served batch-invariant; plain bf16 is what that costs.
+SERVING = {"float32": ("float32", True), "bfloat16": ("bfloat16", True), "bfloat16_plain": ("bfloat16", False)}
 
 
 @dataclass
@@ -43,13 +46,13 @@ class DtypeSettings:
 QUICK = DtypeSettings(repeats=2, train_events=4, batches=(1, 4), new_tokens=8, invariance_prompts=4, invariance_tokens=12)
 
 
-def _config(config_path: str, data_dir: str, dtype: str):
+def _config(config_path: str, data_dir: str, dtype: str, *, invariant: bool = True):
     from heed.config import load_config
     from heed.models import resolve_model
 
     first = load_config(config_path)
-    return load_config(config_path, overrides={"data_dir": data_dir, "model": {"name_or_path": str(resolve_model(first)), "dtype": dtype},
-                                               "learner": {"dtype": "model"}})
+    model = {"name_or_path": str(resolve_model(first)), "dtype": dtype, "batch_invariant": invariant}
+    return load_config(config_path, overrides={"data_dir": data_dir, "model": model, "learner": {"dtype": "model"}})
 
 
 def _peak_mb() -> float:
@@ -99,24 +102,25 @@ def run(config_path: str, *, settings: DtypeSettings, out: Path, say=print) -> d
     pairs = [{"prompt": [{"role": "user", "content": q}], "chosen": good, "rejected": bad, "weight": 1.0}
              for q, bad, good in synthetic_events(s.train_events)]
     train: dict[str, list[dict]] = {d: [] for d in DTYPES}
-    tps: dict[str, dict[int, list[float]]] = {d: {b: [] for b in s.batches} for d in DTYPES}
+    tps: dict[str, dict[int, list[float]]] = {m: {b: [] for b in s.batches} for m in SERVING}
     invariance: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="heed-dtype-") as tmp:
         configs = {d: _config(config_path, tmp, d) for d in DTYPES}
         set_threads(configs["float32"].model.torch_threads)
         engines = {}
-        for d, c in configs.items():
+        for mode, (d, invariant) in SERVING.items():
+            c = _config(config_path, tmp, d, invariant=invariant)
             model, tok = load_base(c)
-            engines[d] = Engine(model, tok, model_cfg=c.model, gen_cfg=replace(c.generation, do_sample=False))
+            engines[mode] = Engine(model, tok, model_cfg=c.model, gen_cfg=replace(c.generation, do_sample=False))
         system = configs["float32"].generation.system_prompt
-        for d, e in engines.items():
-            invariance[d] = batch_invariance(e, _chats(system, s.invariance_prompts), s.invariance_tokens)
-            say(f"dtype: {d} batch invariance {invariance[d]}")
+        for mode, e in engines.items():
+            invariance[mode] = batch_invariance(e, _chats(system, s.invariance_prompts), s.invariance_tokens)
+            say(f"dtype: {mode} batch invariance {invariance[mode]}")
         for r in range(s.repeats):
             say(f"dtype: round {r + 1}/{s.repeats}")
-            for d in DTYPES:
+            for mode in SERVING:
                 for b in s.batches:
-                    tps[d][b].append(tokens_per_s(engines[d], _chats(system, b), s.new_tokens))
+                    tps[mode][b].append(tokens_per_s(engines[mode], _chats(system, b), s.new_tokens))
             for d in DTYPES:
                 train[d].append(train_once(configs[d], pairs, Path(tmp) / f"adapter-{d}-{r}"))
         device, _ = pick_device_dtype(configs["float32"].model)
@@ -130,11 +134,13 @@ def run(config_path: str, *, settings: DtypeSettings, out: Path, say=print) -> d
         "train_steps": train["float32"][0]["steps"],
         "train_loss": {d: train[d][0]["loss"] for d in DTYPES},
         "train_losses": {d: train[d][0]["losses"] for d in DTYPES},
-        "tokens_per_s": {d: {str(b): med(tps[d][b]) for b in s.batches} for d in DTYPES},
+        "tokens_per_s": {m: {str(b): med(tps[m][b]) for b in s.batches} for m in SERVING},
         "batch_invariance": invariance,
     }
     res["train_speedup_bf16"] = res["train_seconds"]["float32"] / res["train_seconds"]["bfloat16"]
-    res["generate_speedup_bf16"] = {str(b): res["tokens_per_s"]["bfloat16"][str(b)] / res["tokens_per_s"]["float32"][str(b)] for b in s.batches}
+    fp32 = res["tokens_per_s"]["float32"]
+    res["generate_speedup_bf16"] = {str(b): res["tokens_per_s"]["bfloat16"][str(b)] / fp32[str(b)] for b in s.batches}
+    res["generate_speedup_bf16_plain"] = {str(b): res["tokens_per_s"]["bfloat16_plain"][str(b)] / fp32[str(b)] for b in s.batches}
     res["peak_rss_mb"] = _peak_mb()
     res["minutes"] = round((time.time() - t0) / 60, 1)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -108,7 +108,7 @@ def _learn(heed, uid: int) -> dict:
     gate = r.get("gate") or {}
     return {"status": r["status"], "version": r.get("version"), "seconds": round(time.perf_counter() - t, 1),
             "reasons": r.get("reasons") or ([r["reason"]] if r.get("reason") else []) + ([r["error"]] if r.get("error") else []),
-            "n_train_new": r.get("n_train_new"), "n_replay": r.get("n_replay"), "n_heldout": r.get("n_heldout"),
+            "n_train_new": r.get("n_train_new"), "n_carried": r.get("n_carried"), "n_replay": r.get("n_replay"), "n_heldout": r.get("n_heldout"),
             "reward_accuracy": gate.get("implicit_reward_accuracy"), "gate_degenerate": gate.get("degenerate_candidate"),
             "gate_kl": gate.get("kl_from_base")}
 

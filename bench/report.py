@@ -158,11 +158,11 @@ def personalize_md(res: dict, *, images: dict[str, str]) -> str:
             lines.append(f"| {name} | {'yes' if v['acceptance_ge_90'] else 'no'} | {'yes' if v['degenerate_le_5'] else 'no'} | {'yes' if v['others_within_5'] else 'no'} |")
         lines += ["", f"Longest learner run on 8 or more new events: {t['learner_run_max_seconds_8plus_new_events']} s. "
                       f"Whole run: {t['full_run_minutes']} min."]
-    lines += ["", "## Learner runs", "", "| track | events | status | seconds | train new + replay | gate notes |", "|---|---|---|---|---|---|"]
+    lines += ["", "## Learner runs", "", "| track | events | status | seconds | train new + carried + replay | gate notes |", "|---|---|---|---|---|---|"]
     for key, rec in res.get("tracks", {}).items():
         for pt in rec["points"][1:]:
             ln = pt["learn"]
-            lines.append(f"| {key} | {pt['events']} | {ln['status']} | {ln['seconds']} | {ln.get('n_train_new')} + {ln.get('n_replay')} | "
+            lines.append(f"| {key} | {pt['events']} | {ln['status']} | {ln['seconds']} | {ln.get('n_train_new')} + {ln.get('n_carried') or 0} + {ln.get('n_replay')} | "
                          f"{'; '.join(ln['reasons'])[:120]} |")
     return "\n".join(lines) + "\n"
 

@@ -108,7 +108,8 @@ def adapter_markdown(status: dict) -> str:
     m = active.get("metrics") or {}
     detail = ""
     if "n_train_new" in m:
-        detail = f" ({_n(m['n_train_new'], 'new training example')}, {_n(m.get('n_replay', 0), 'replayed')})"
+        again = f", {m['n_carried']} retried after a refused run" if m.get("n_carried") else ""
+        detail = f" ({_n(m['n_train_new'], 'new training example')}{again}, {_n(m.get('n_replay', 0), 'replayed')})"
     return (f"**In use: v{active['version']}**, trained {when(active['created_at'])} "
             f"from {_n(active['n_feedback'], 'feedback event')}{detail}.\n\n{waiting}")
 

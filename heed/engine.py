@@ -13,6 +13,11 @@ user without an adapter gets bit-identical base weights.
   kernels, but each switch rewrites every adapted weight (48 ms on that CPU).
 - Several adapters in one batch: each LoRA layer adds ``s_i·B_i A_i x_i`` per
   row with two batched matmuls (``heed.lora_batch``); rows without one get zeros.
+- Half precision (bf16 on a CPU with native bf16, ``heed.hardware``): with
+  ``model.batch_invariant`` a row is answered exactly as it would be alone:
+  attention row by row (``heed.invariant``), a lone request computed beside a
+  copy of itself, and one adapter computed by the same batched LoRA path as
+  several.
 Hooks, merged weights and peft's state are global, so every forward pass runs
 under one lock: two users never see each other's adapter.
 """
@@ -30,6 +35,7 @@ from typing import Iterator
 
 from .config import GenerationConfig, HeedConfig, ModelConfig
 from .hardware import contiguous_head_input, pick_device_dtype
+from .invariant import use_row_attention
 from .lora_batch import BatchStreamer, MergedAdapter, OneAdapter, Row, RowStop, mixed_lora, vanilla
 
 log = logging.getLogger(__name__)
@@ -117,6 +123,9 @@ class Engine:
         self._serving_key: str | None = None  # the adapter the model computes with now ('peft:' + key: peft's own forward)
         self.device = next(model.parameters()).device
         self.serving = serving_mode(model_cfg, self.device.type)
+        # Half precision rounds coarsely enough that batch-mates change greedy answers (heed.invariant).
+        half = str(next(model.parameters()).dtype) in ("torch.bfloat16", "torch.float16")
+        self.invariant = bool(half and model_cfg.batch_invariant and use_row_attention(model))
         self._one = OneAdapter()
         self._merged = MergedAdapter()
         self._plain: dict[str, bool] = {}  # adapter key -> every layer plain LoRA (else peft computes it)
@@ -292,6 +301,11 @@ class Engine:
             input_ids = torch.tensor([[pad] * (width - len(r.ids)) + r.ids for r in live], device=self.device)
             mask = torch.tensor([[0] * (width - len(r.ids)) + [1] * len(r.ids) for r in live], device=self.device)
             keys = {r.adapter.key if r.adapter else None for r in live}
+            adapters = [r.adapter.key if r.adapter else None for r in live]
+            if self.invariant and len(live) == 1:
+                # A lone row's matmuls would take the one-row kernel, which rounds differently: compute it twice.
+                # The copy's tokens are the row's own; the streamer and RowStop read only the real row.
+                input_ids, mask, adapters = input_ids.repeat(2, 1), mask.repeat(2, 1), adapters * 2
             streamer = BatchStreamer(live, self.tokenizer, on_finish=self._count, lock=self._tok_lock)
             kw = self._gen_kwargs(gen, max(r.max_new for r in live))
             self.batches_run += 1
@@ -299,12 +313,14 @@ class Engine:
                 with torch.inference_mode():
                     if gen.do_sample:
                         torch.manual_seed(gen.seed)
-                    if len(keys) == 1:
+                    if keys == {None} or (len(keys) == 1 and not self.invariant):
                         self.activate(live[0].adapter)
                         ctx, model, extra = contextlib.nullcontext(), self.base, {}
                     else:
+                        # Invariant serving computes one adapter the way it computes several, so a user's rows
+                        # get the same LoRA arithmetic whoever shares the batch.
                         self._restore_base()
-                        ctx, model, extra = mixed_lora(self.peft, [r.adapter.key if r.adapter else None for r in live])
+                        ctx, model, extra = mixed_lora(self.peft, adapters)
                     with ctx:
                         model.generate(input_ids=input_ids, attention_mask=mask, streamer=streamer,
                                        stopping_criteria=StoppingCriteriaList([RowStop(live, width)]), **extra, **kw)

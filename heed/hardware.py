@@ -3,9 +3,13 @@
 ``dtype: auto`` means bf16 wherever the hardware computes it natively: a CUDA
 GPU that supports it, or a CPU with bf16 matrix instructions (x86 AVX512-BF16
 or AMX, Arm's BF16 extension). Measured on the embedded model on such a CPU
-(AMD EPYC with AVX512-BF16, 2 threads, `bench/results/dtype.json`): a LoRA
-training step 2.2x faster than in fp32, greedy generation 1.5-1.8x. A CPU
-without them emulates bf16 and is slower in it, so auto keeps fp32 there.
+(AMD EPYC with AVX512-BF16, 2 threads, ``heed bench dtype`` ->
+``bench/results/dtype.json``): the learner's DPO training 2.5x faster than in
+fp32, greedy generation 1.9x (one answer) to 2.6x (32 at once). A CPU without
+them emulates bf16 and is slower in it, so auto keeps fp32 there.
+
+The learner takes ``learner.dtype`` (auto by default); serving takes
+``model.dtype``, fp32 in the CPU configs: see ``learner_config`` for why.
 """
 from __future__ import annotations
 

@@ -111,8 +111,10 @@ class RowStop:
         import torch
 
         n = input_ids.shape[1] - self.width
-        return torch.tensor([r.cancel.is_set() or r.done or n >= r.max_new for r in self.rows], dtype=torch.bool,
-                            device=input_ids.device)
+        stop = [r.cancel.is_set() or r.done or n >= r.max_new for r in self.rows]
+        # A lone row computed twice (heed.invariant): its copy stops with it.
+        stop += stop[:1] * (input_ids.shape[0] - len(stop))
+        return torch.tensor(stop, dtype=torch.bool, device=input_ids.device)
 
 
 def vanilla(layer, key: str) -> bool:

@@ -149,16 +149,19 @@ def learn_user(config: HeedConfig, store: Store, *, user_id: int, trigger: str =
         examples = build_examples(store, user_id=user_id, feedback=feedback, heldout_fraction=lc.heldout_fraction,
                                   seed=lc.seed, all_feedback=store.list_feedback(user_id=user_id), edit_weight=lc.edit_weight)
         new_train = [e for e in examples if e["split"] == "train" and e["kind"] in ("dpo", "kto")]
+        # A refused candidate's examples are still the user's word: they train once more, with this run's (without
+        # it a refused run threw the user's edits away; in the benchmark, one left the next run only thumbs-down).
+        carried = store.unlearned_pairs(user_id=user_id, exclude_feedback=set(fb_ids))
         replay = replay_sample(store, user_id=user_id, exclude=set(fb_ids), size=lc.replay_size, seed=lc.seed + max(fb_ids))
-        dpo = [e for e in new_train + replay if e["kind"] == "dpo"]
-        kto = [e for e in new_train + replay if e["kind"] == "kto"]
+        dpo = [e for e in new_train + carried + replay if e["kind"] == "dpo"]
+        kto = [e for e in new_train + carried + replay if e["kind"] == "kto"]
         # The gate's held-out set: this run's first, then the newest older ones; bounded, so the gate's cost
         # does not grow with the user's history. (sft examples repeat the pairs' chosen answers.)
         heldout = [e for e in examples if e["split"] == "heldout" and e["kind"] != "sft"]
         older = [p for p in store.list_pairs(user_id=user_id, split="heldout") if p["feedback_id"] not in set(fb_ids) and p["kind"] != "sft"]
         heldout = (heldout + older[::-1])[:lc.gate_max_contexts]
         timings["pairs_s"] = time.perf_counter() - t0
-        summary.update(n_feedback=len(feedback), n_examples=len(examples), n_train_new=len(new_train),
+        summary.update(n_feedback=len(feedback), n_examples=len(examples), n_train_new=len(new_train), n_carried=len(carried),
                        n_replay=len(replay), n_heldout=len(heldout), examples=counts(examples))
         from .train import untrainable
 

@@ -25,12 +25,14 @@ def _make_adapter(config, out, seed: int, targets=("q_proj", "k_proj", "v_proj",
     return AdapterRef(f"user{seed}", str(out))
 
 
-@pytest.fixture(scope="module", params=["unmerged", "merged"])
+@pytest.fixture(scope="module", params=["unmerged", "merged", "bf16"])
 def world(request, tiny_model_path, tmp_path_factory):
     from heed.engine import Engine
 
     root = tmp_path_factory.mktemp("engine")
-    config = make_config(root, tiny_model_path, model={"max_cached_adapters": 3, "batch_window_ms": 50, "adapter_serving": request.param})
+    # bf16: half-precision serving, batch-invariant (heed.invariant): every adapter by the batched LoRA path.
+    mode = {"dtype": "bfloat16"} if request.param == "bf16" else {"adapter_serving": request.param}
+    config = make_config(root, tiny_model_path, model={"max_cached_adapters": 3, "batch_window_ms": 50, **mode})
     adapters = [_make_adapter(config, root / f"a{i}", i) for i in (0, 4, 5)]  # seeds whose answers differ
     return config, Engine.load(config), adapters
 
@@ -73,7 +75,13 @@ def test_the_single_adapter_path_computes_what_peft_computes(world):
     reference = PeftModel.from_pretrained(model, a.path)
     with torch.inference_mode():
         expected = reference(input_ids=torch.tensor([ids])).logits
-    assert torch.allclose(served, expected, atol=1e-5)
+    if served.dtype == torch.float32:
+        assert torch.allclose(served, expected, atol=1e-5)
+    else:
+        # bf16 rounds the LoRA sum at another point than peft: judged against what the adapter changes at all.
+        base = _logits(engine, ids)  # the engine serves no adapter now
+        error = (served.float() - expected.float()).abs().max()
+        assert error < 0.1 * (expected.float() - base.float()).abs().max()
 
 
 def test_switching_users_never_writes_a_base_weight(world):

@@ -46,9 +46,18 @@ def test_gate_refuses_a_poisoned_update_that_rewards_one_word_answers(trained):
     assert [a["version"] for a in rejected] == [2] and rejected[0]["metrics"]["gate"]["reasons"]
     run = h.store.list_runs(user_id=uid)[0]
     assert run["status"] == "rejected" and "degenerate" in run["error"]
-    assert h.store.count_unconsumed(user_id=uid) == 0  # the poison is not trained on again
-    assert all(p["feedback_id"] not in {f["id"] for f in h.store.list_feedback(user_id=uid)[-12:]}
-               for p in h.store.replay_pool(user_id=uid))
+    assert h.store.count_unconsumed(user_id=uid) == 0
+    poison = {f["id"] for f in h.store.list_feedback(user_id=uid)[-12:]}
+    assert all(p["feedback_id"] not in poison for p in h.store.replay_pool(user_id=uid))
+    # The next run tries the refused examples once more, beside its own; refused again, they are dropped.
+    poison_train = [p for p in h.store.list_pairs(user_id=uid, split="train") if p["feedback_id"] in poison and p["kind"] == "dpo"]
+    edit_answers(h, uid, [AGAIN] * 2, questions=["one more", "and another"])
+    retry = learn_user(h.config, h.store, user_id=uid)
+    assert retry["n_carried"] == len(poison_train) > 0 and retry["status"] == "rejected", retry
+    edit_answers(h, uid, [AGAIN], questions=["a last one"])
+    after = learn_user(h.config, h.store, user_id=uid)
+    assert after["n_carried"] == retry["n_train_new"], "only the retry's own examples get a second try"
+    assert all(p["feedback_id"] not in poison for p in h.store.replay_pool(user_id=uid)), "the poison is never learned"
 
 
 def test_gate_refuses_drift_and_lost_likelihood_beyond_their_limits(trained):

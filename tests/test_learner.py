@@ -349,6 +349,51 @@ def test_replay_is_a_bounded_sample_of_older_pairs(tmp_path, tiny_model_path, sh
     assert h.store.list_runs(user_id=uid)[0]["metrics"]["dpo_rows"] == 5
 
 
+@pytest.fixture
+def gate_says(monkeypatch):
+    """``gate_says(False)``: the gate refuses every candidate from now on; ``gate_says(True)``: it promotes them."""
+    import learner.gate
+
+    def set_verdict(promote: bool) -> None:
+        monkeypatch.setattr(learner.gate, "evaluate", lambda config, **kw: {"promote": promote, "reasons": [] if promote else ["test"]})
+
+    return set_verdict
+
+
+def test_a_refused_runs_examples_train_once_more_with_the_next_run(tmp_path, tiny_model_path, shared_tiny_engine, gate_says):
+    h = service(learner_config(tmp_path, tiny_model_path, heldout_fraction=0.0), shared_tiny_engine)
+    uid = h.add_user("alice", "pw")
+    edit_answers(h, uid, [f"Refused answer {i}." for i in range(4)])
+    gate_says(False)
+    refused = learn(h, uid)
+    assert refused["status"] == "rejected" and refused["n_carried"] == 0
+    assert h.store.count_unconsumed(user_id=uid) == 0 and h.store.replay_pool(user_id=uid) == []
+    edit_answers(h, uid, ["Newer answer."] * 2, questions=["q one", "q two"])
+    gate_says(True)
+    result = learn(h, uid)
+    assert result["status"] == "promoted" and result["n_train_new"] == 2 and result["n_carried"] == 4
+    assert h.store.list_runs(user_id=uid)[0]["metrics"]["dpo_rows"] == 6, "the refused run's edits trained with the new ones"
+    assert {p["chosen"] for p in h.store.replay_pool(user_id=uid)} == {*(f"Refused answer {i}." for i in range(4)), "Newer answer."}
+    edit_answers(h, uid, ["Latest."], questions=["q three"])
+    assert learn(h, uid)["n_carried"] == 0, "learned now: replayed, not carried"
+
+
+def test_examples_refused_twice_are_dropped(tmp_path, tiny_model_path, shared_tiny_engine, gate_says):
+    h = service(learner_config(tmp_path, tiny_model_path, heldout_fraction=0.0), shared_tiny_engine)
+    uid = h.add_user("alice", "pw")
+    gate_says(False)
+    edit_answers(h, uid, [f"First {i}." for i in range(3)])
+    assert learn(h, uid)["status"] == "rejected"
+    edit_answers(h, uid, ["Second."] * 2, questions=["q one", "q two"])
+    second = learn(h, uid)
+    assert second["status"] == "rejected" and second["n_carried"] == 3
+    gate_says(True)
+    edit_answers(h, uid, ["Third."], questions=["q three"])
+    third = learn(h, uid)
+    assert third["status"] == "promoted" and third["n_carried"] == 2, "only the last refused run's own examples"
+    assert {p["chosen"] for p in h.store.replay_pool(user_id=uid)} == {"Second.", "Third."}
+
+
 def test_a_vote_changed_while_the_run_trains_stays_unconsumed(h):
     uid = h.add_user("alice", "pw")
     edit_answers(h, uid, ["Brief answers are good."] * 3)

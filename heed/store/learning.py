@@ -60,7 +60,8 @@ class LearningMixin:
 
     # -- pairs ------------------------------------------------------------
     def list_pairs(self, *, user_id: int, split: str | None = None, kind: str | None = None, promoted_only: bool = False) -> list[dict]:
-        sql = "SELECT p.* FROM pairs p LEFT JOIN learner_runs r ON r.id = p.run_id WHERE p.user_id = ?"
+        """A user's examples; ``promoted_only``: those a promoted adapter learned (see ``replay_pool``)."""
+        sql = "SELECT p.* FROM pairs p WHERE p.user_id = ?"
         args: list = [user_id]
         if split:
             sql += " AND p.split = ?"
@@ -68,15 +69,48 @@ class LearningMixin:
         if kind:
             sql += " AND p.kind = ?"
             args.append(kind)
-        if promoted_only:
-            sql += " AND r.status = 'promoted'"
         with self.db.connect() as db:
+            if promoted_only:
+                learned = self._learned_runs(db, user_id)
+                sql += f" AND p.run_id IN ({','.join('?' * len(learned))})"
+                args += sorted(learned)
             return [_decode(r, "prompt") for r in db.query(sql + " ORDER BY p.id", args)]
 
+    @staticmethod
+    def _trained_runs(db, user_id: int) -> list[tuple[int, str]]:
+        """(id, status) of the user's runs that trained a candidate, oldest first."""
+        return [(r[0], r[1]) for r in db.execute(
+            "SELECT id, status FROM learner_runs WHERE user_id = ? AND status IN ('promoted', 'rejected') ORDER BY id", [user_id])]
+
+    def _learned_runs(self, db, user_id: int) -> set[int]:
+        """Runs whose examples a promoted adapter learned: promoted runs, and refused runs the next run carried and promoted."""
+        runs = self._trained_runs(db, user_id)
+        learned = {rid for rid, status in runs if status == "promoted"}
+        learned |= {rid for (rid, status), (_, after) in zip(runs, runs[1:]) if status == "rejected" and after == "promoted"}
+        return learned
+
     def replay_pool(self, *, user_id: int, exclude_feedback: set[int] | frozenset = frozenset()) -> list[dict]:
-        """Training examples (dpo, kto) that earlier promoted runs trained on, for replay."""
+        """Training examples (dpo, kto) that promoted adapters learned, for replay."""
         return [p for p in self.list_pairs(user_id=user_id, split="train", promoted_only=True)
                 if p["kind"] in ("dpo", "kto") and p["feedback_id"] not in exclude_feedback]
+
+    def unlearned_pairs(self, *, user_id: int, exclude_feedback: set[int] | frozenset = frozenset()) -> list[dict]:
+        """Training examples (dpo, kto) of the user's last trained run when the gate refused it, newest first.
+
+        The refused adapter is gone, not the feedback: the next run trains these
+        beside its own, once. A run refused again drops them (only its own new
+        examples get their second try), so feedback that can only make a
+        degenerate adapter, like edits into one-word answers, cannot hold every
+        later run back.
+        """
+        with self.db.connect() as db:
+            runs = self._trained_runs(db, user_id)
+            if not runs or runs[-1][1] != "rejected":
+                return []
+            rows = db.query("SELECT * FROM pairs WHERE user_id = ? AND run_id = ? AND split = 'train' AND kind IN ('dpo', 'kto') "
+                            "ORDER BY id DESC", [user_id, runs[-1][0]])
+            pairs = [_decode(r, "prompt") for r in rows]
+        return [p for p in pairs if p["feedback_id"] not in exclude_feedback]
 
     # -- adapters ---------------------------------------------------------
     def active_adapter(self, *, user_id: int) -> dict | None:

@@ -8,7 +8,10 @@
   are identical when asked alone and when asked together (left-padded to the
   longest), for fp32, bf16 as served (``model.batch_invariant``, heed.invariant)
   and plain bf16. A user's answer must not depend on who else is chatting: the
-  isolation checks and the benchmark's reproducibility rest on it.
+  isolation checks and the benchmark's reproducibility rest on it;
+- answer quality: of ``quality_prompts`` benchmark questions, how many greedy
+  answers (the configured generation settings and token limit) are degenerate
+  by ``heed.quality`` (mostly: cut off at the limit), fp32 against bf16.
 
 The dtypes are interleaved in every round and each figure is the median of
 ``repeats`` rounds (the machine is shared and noisy); torch threads come from
@@ -41,9 +44,11 @@ class DtypeSettings:
     new_tokens: int = 48
     invariance_prompts: int = 8
     invariance_tokens: int = 96
+    quality_prompts: int = 96
 
 
-QUICK = DtypeSettings(repeats=2, train_events=4, batches=(1, 4), new_tokens=8, invariance_prompts=4, invariance_tokens=12)
+QUICK = DtypeSettings(repeats=2, train_events=4, batches=(1, 4), new_tokens=8, invariance_prompts=4, invariance_tokens=12,
+                      quality_prompts=4)
 
 
 def _config(config_path: str, data_dir: str, dtype: str, *, invariant: bool = True):
@@ -92,6 +97,16 @@ def batch_invariance(engine, chats: list[list[dict]], new_tokens: int) -> dict:
             "same_in_reversed_batch": sum(a == b for a, b in zip(alone, reverse))}
 
 
+def answer_quality(engine, chats: list[list[dict]]) -> dict:
+    """Degenerate greedy answers (heed.quality) among ``chats``, at the configured token limit."""
+    from heed.quality import degeneration
+
+    outs = engine.generate_batch(chats, with_finish=True)
+    why = [degeneration(text, prompt=c[-1]["content"], finished=done) for (text, done), c in zip(outs, chats)]
+    return {"prompts": len(chats), "degenerate": sum(bool(w) for w in why), "cut_off": why.count("cut_off"),
+            "mean_words": sum(len(t.split()) for t, _ in outs) / max(len(outs), 1)}
+
+
 def run(config_path: str, *, settings: DtypeSettings, out: Path, say=print) -> dict:
     from bench.learner_bench import synthetic_events
     from heed.engine import Engine, load_base, set_threads
@@ -113,9 +128,13 @@ def run(config_path: str, *, settings: DtypeSettings, out: Path, say=print) -> d
             model, tok = load_base(c)
             engines[mode] = Engine(model, tok, model_cfg=c.model, gen_cfg=replace(c.generation, do_sample=False))
         system = configs["float32"].generation.system_prompt
+        quality = {}
         for mode, e in engines.items():
             invariance[mode] = batch_invariance(e, _chats(system, s.invariance_prompts), s.invariance_tokens)
             say(f"dtype: {mode} batch invariance {invariance[mode]}")
+        for mode in ("float32", "bfloat16"):
+            quality[mode] = answer_quality(engines[mode], _chats(system, s.quality_prompts))
+            say(f"dtype: {mode} answers {quality[mode]}")
         for r in range(s.repeats):
             say(f"dtype: round {r + 1}/{s.repeats}")
             for mode in SERVING:
@@ -136,6 +155,8 @@ def run(config_path: str, *, settings: DtypeSettings, out: Path, say=print) -> d
         "train_losses": {d: train[d][0]["losses"] for d in DTYPES},
         "tokens_per_s": {m: {str(b): med(tps[m][b]) for b in s.batches} for m in SERVING},
         "batch_invariance": invariance,
+        "answer_quality": quality,
+        "max_new_tokens": configs["float32"].generation.max_new_tokens,
     }
     res["train_speedup_bf16"] = res["train_seconds"]["float32"] / res["train_seconds"]["bfloat16"]
     fp32 = res["tokens_per_s"]["float32"]

@@ -114,7 +114,7 @@ class LearnerConfig:
     reference: str = _f("base", "DPO/KTO reference: 'base' (the adapter disabled) or 'previous' (a frozen copy of the active adapter).")
     paired_loss: str = _f("dpo", "How pairs train: 'dpo' (DPO + SFT term; unpaired examples get a KTO pass after) or 'kto' (each pair split into a good and a bad example; one KTO pass for all).")
     kto_weight_balance: bool = _f(True, "Weigh KTO's desirable/undesirable losses so both labels count equally however many of each there are.")
-    dtype: str = _f("auto", "Base weights dtype while training and gating (LoRA weights stay fp32): 'auto' (bf16 where the GPU or CPU computes it natively, else fp32), 'model' (model.dtype), float32 or bfloat16.")
+    dtype: str = _f("auto", "Base weights dtype while training (LoRA weights stay fp32; the gate judges in model.dtype): 'auto' (bf16 where the GPU or CPU computes it natively, else fp32), 'model' (model.dtype), float32 or bfloat16.")
     max_length: int = _f(256, "Prompt + answer tokens kept per example; the oldest turns of a long context are dropped first.")
     replay_size: int = _f(16, "Older training pairs replayed with each run (bounds cost as history grows).")
     heldout_fraction: float = _f(0.2, "Share of each user's answers whose feedback is kept out of training for the gate.")

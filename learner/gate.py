@@ -81,10 +81,10 @@ def judged_contexts(heldout: list[dict], *, max_heldout: int, total: int) -> tup
 
 def _settings_key(config: HeedConfig) -> str:
     """What an answer depends on besides the adapter and the context: a change makes old answers stale."""
-    from heed.hardware import learner_config, pick_device_dtype
+    from heed.hardware import pick_device_dtype
 
     g, m = config.generation, config.model
-    _, dtype = pick_device_dtype(learner_config(config).model)
+    _, dtype = pick_device_dtype(m)
     return hashlib.sha256(json.dumps([m.name_or_path, str(dtype), m.device, g.system_prompt, g.repetition_penalty,
                                       g.max_context_tokens, config.learner.gate_max_new_tokens]).encode()).hexdigest()[:16]
 
@@ -203,14 +203,14 @@ def _evaluate(config: HeedConfig, *, candidate_dir: str, active_dir: str | None,
     import torch
 
     from heed.engine import AdapterRef, Engine, load_base
-    from heed.hardware import learner_config
 
     from .train import quiet_progress_bars
 
     lc = config.learner
     quiet_progress_bars()
-    # In the learner's dtype, like training: the gate compares candidate and active adapter in the same one.
-    model, tokenizer = model_and_tokenizer or load_base(learner_config(config))
+    # In the serving dtype, not the learner's: the gate judges what users will be answered (on the embedded model,
+    # bf16 answers ran past the token limit twice as often as fp32 ones: heed bench dtype).
+    model, tokenizer = model_and_tokenizer or load_base(config)
     gen = replace(config.generation, do_sample=False, max_new_tokens=lc.gate_max_new_tokens)
     engine = Engine(model, tokenizer, model_cfg=replace(config.model, max_cached_adapters=4), gen_cfg=gen)
     cand = AdapterRef("candidate", candidate_dir)

@@ -11,7 +11,9 @@
   isolation checks and the benchmark's reproducibility rest on it;
 - answer quality: of ``quality_prompts`` benchmark questions, how many greedy
   answers (the configured generation settings and token limit) are degenerate
-  by ``heed.quality`` (mostly: cut off at the limit), fp32 against bf16.
+  by ``heed.quality`` (mostly: cut off at the limit), fp32 against bf16, and fp32
+  with the repetition penalty on the end-of-turn token too (what Heed did before
+  ``generation.penalize_end_of_turn``).
 
 The dtypes are interleaved in every round and each figure is the median of
 ``repeats`` rounds (the machine is shared and noisy); torch threads come from
@@ -97,11 +99,11 @@ def batch_invariance(engine, chats: list[list[dict]], new_tokens: int) -> dict:
             "same_in_reversed_batch": sum(a == b for a, b in zip(alone, reverse))}
 
 
-def answer_quality(engine, chats: list[list[dict]]) -> dict:
+def answer_quality(engine, chats: list[list[dict]], *, gen=None) -> dict:
     """Degenerate greedy answers (heed.quality) among ``chats``, at the configured token limit."""
     from heed.quality import degeneration
 
-    outs = engine.generate_batch(chats, with_finish=True)
+    outs = engine.generate_batch(chats, with_finish=True, gen=gen)
     why = [degeneration(text, prompt=c[-1]["content"], finished=done) for (text, done), c in zip(outs, chats)]
     return {"prompts": len(chats), "degenerate": sum(bool(w) for w in why), "cut_off": why.count("cut_off"),
             "mean_words": sum(len(t.split()) for t, _ in outs) / max(len(outs), 1)}
@@ -135,6 +137,9 @@ def run(config_path: str, *, settings: DtypeSettings, out: Path, say=print) -> d
         for mode in ("float32", "bfloat16"):
             quality[mode] = answer_quality(engines[mode], _chats(system, s.quality_prompts))
             say(f"dtype: {mode} answers {quality[mode]}")
+        fp32 = engines["float32"]
+        quality["float32_end_penalized"] = answer_quality(fp32, _chats(system, s.quality_prompts),
+                                                          gen=replace(fp32.gen_cfg, penalize_end_of_turn=True))
         for r in range(s.repeats):
             say(f"dtype: round {r + 1}/{s.repeats}")
             for mode in SERVING:

@@ -25,7 +25,11 @@ def _settings(res: dict) -> list[str]:
     lc = res.get("learner_config") or {}
     if not chat and not lc:
         return []
-    gen = (f"Generation: greedy, system prompt “{chat.get('system_prompt')}”, repetition penalty {chat.get('repetition_penalty')}, "
+    # Runs from before penalize_end_of_turn existed penalized the end of turn too.
+    spared = "" if chat.get("penalize_end_of_turn", True) else " (not on the end of a turn)"
+    dtypes = res.get("dtypes") or {}
+    numerics = f"Serving in {dtypes['serving']}, training in {dtypes['learner']}. " if dtypes else ""
+    gen = (f"{numerics}Generation: greedy, system prompt “{chat.get('system_prompt')}”, repetition penalty {chat.get('repetition_penalty')}{spared}, "
            f"{chat.get('max_new_tokens')} new tokens while chatting, {(res.get('generation') or {}).get('eval_max_new_tokens')} when judging. ")
     learn = (f"Learner: LoRA r={lc.get('lora_r')} on {', '.join(lc.get('target_modules', []))}, lr {lc.get('learning_rate')}, "
              f"{lc.get('epochs')} epochs (at least {lc.get('min_steps')} steps), batch {lc.get('batch_size')}, "

@@ -36,7 +36,7 @@ from typing import Iterator
 from .config import GenerationConfig, HeedConfig, ModelConfig
 from .hardware import contiguous_head_input, pick_device_dtype
 from .invariant import use_row_attention
-from .lora_batch import BatchStreamer, MergedAdapter, OneAdapter, Row, RowStop, mixed_lora, vanilla
+from .lora_batch import BatchStreamer, MergedAdapter, OneAdapter, Row, RowStop, mixed_lora, sparing_penalty, vanilla
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ def render(tokenizer, messages: list[dict], *, max_tokens: int) -> list[int]:
 
 def _gen_key(gen: GenerationConfig) -> tuple:
     # Requests batch together only when they decode the same way (one seed per batch).
-    return (gen.do_sample, gen.temperature, gen.top_p, gen.repetition_penalty, gen.seed if gen.do_sample else None)
+    return (gen.do_sample, gen.temperature, gen.top_p, gen.repetition_penalty, gen.penalize_end_of_turn, gen.seed if gen.do_sample else None)
 
 
 class Engine:
@@ -257,6 +257,11 @@ class Engine:
             pad_token_id=self.tokenizer.pad_token_id,
             eos_token_id=self.tokenizer.eos_token_id,
         )
+        if gen.repetition_penalty != 1.0 and not gen.penalize_end_of_turn:
+            from transformers import LogitsProcessorList
+
+            kw.update(repetition_penalty=1.0,
+                      logits_processor=LogitsProcessorList([sparing_penalty(gen.repetition_penalty, [self.tokenizer.eos_token_id])]))
         if gen.do_sample:
             kw.update(temperature=gen.temperature, top_p=gen.top_p)
         else:

@@ -117,6 +117,31 @@ class RowStop:
         return torch.tensor(stop, dtype=torch.bool, device=input_ids.device)
 
 
+def sparing_penalty(penalty: float, spare: list[int]):
+    """transformers' repetition penalty, except on the ``spare`` tokens (the end of a turn).
+
+    The penalty counts the prompt too, and a chat template ends every turn of the
+    prompt with the end-of-turn token: penalized, it makes every answer less
+    likely to end, which on a small model means answers cut off at the limit.
+    """
+    import torch
+    from transformers import LogitsProcessor, RepetitionPenaltyLogitsProcessor
+
+    class SparingRepetitionPenalty(LogitsProcessor):
+        def __init__(self) -> None:
+            self.inner = RepetitionPenaltyLogitsProcessor(penalty)
+            self.spare = torch.tensor(sorted(set(spare)), dtype=torch.long)
+
+        def __call__(self, input_ids, scores):
+            spare = self.spare.to(scores.device)
+            kept = scores[:, spare].clone()
+            scores = self.inner(input_ids, scores)
+            scores[:, spare] = kept
+            return scores
+
+    return SparingRepetitionPenalty()
+
+
 def vanilla(layer, key: str) -> bool:
     """Plain LoRA on a Linear: ``y += s·B(Ax)``, which the fast paths compute themselves."""
     import torch

@@ -52,3 +52,14 @@ def test_learn_now_trains_in_the_background_and_the_next_conversation_says_so(ti
     out = s("rollback", 0)
     assert "base model" in out["info"] and heed.store.active_adapter(user_id=alice) is None
     assert heed.store.list_runs(user_id=heed.user_id("bob")) == []
+
+
+def test_the_adapter_summary_says_how_many_examples_a_refused_run_left_to_retry():
+    from chat_app.views import adapter_markdown
+
+    def summary(**metrics):
+        active = {"version": 3, "created_at": time.time(), "n_feedback": 4, "metrics": {"n_train_new": 3, "n_replay": 8, **metrics}}
+        return adapter_markdown({"active": active, "unconsumed_feedback": 0})
+
+    assert "(3 new training examples, 5 retried after a refused run, 8 replayed)" in summary(n_carried=5)
+    assert "retried" not in summary(n_carried=0) and "retried" not in summary()

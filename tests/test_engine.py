@@ -224,3 +224,26 @@ def test_a_batch_with_more_adapters_than_the_cache_holds_still_gives_each_its_ow
     order = [a, b, c, d, None]  # the cache holds 3
     alone = [engine.generate(ASK, adapter=r) for r in order]
     assert engine.generate_batch([ASK] * len(order), adapters=order) == alone
+
+
+def test_the_repetition_penalty_spares_the_end_of_turn_token():
+    import torch
+
+    from heed.lora_batch import sparing_penalty
+
+    eos, word = 2, 7
+    input_ids = torch.tensor([[1, eos, word, 5]])  # a prompt whose turns end with eos, and a word already said
+    scores = torch.tensor([[0.0, 1.0, 3.0, 0.5, 0.5, 0.5, 0.5, 3.0]])
+    out = sparing_penalty(1.5, [eos])(input_ids, scores.clone())
+    assert out[0, eos] == 3.0, "the end of turn keeps its score"
+    assert out[0, word] == 2.0 and out[0, 1] == 1.0 / 1.5, "repeated words are still penalized"
+
+
+def test_the_engine_penalizes_repeats_but_not_the_end_of_an_answer(world):
+    config, engine, _ = world
+    gen = engine.with_generation(repetition_penalty=1.15)
+    kw = engine._gen_kwargs(gen, 8)
+    assert kw["repetition_penalty"] == 1.0 and len(kw["logits_processor"]) == 1
+    old = engine._gen_kwargs(engine.with_generation(repetition_penalty=1.15, penalize_end_of_turn=True), 8)
+    assert old["repetition_penalty"] == 1.15 and "logits_processor" not in old
+    assert isinstance(engine.generate(ASK, gen=gen), str)

@@ -38,13 +38,13 @@ def _check(cond: bool, key: str, msg: str) -> None:
 class ModelConfig:
     name_or_path: str = _f(EMBEDDED_MODEL, "HF model folder, hub-cache id, 'embedded:smollm2' (packaged GGUF) or 'tiny:<seed>' (built offline, for tests).")
     device: str = _f("cpu", "Where the model runs: cpu, cuda, cuda:N or auto.")
-    dtype: str = _f("float32", "Weights dtype: float32, bfloat16, float16 or auto (bf16 where the GPU or CPU computes it natively, else fp32).")
+    dtype: str = _f("float32", "Weights dtype: float32, bfloat16, float16 or auto (bf16 where the GPU or CPU computes it natively, else fp32; the embedded model's bf16 answers run past the limit more often, see README).")
     torch_threads: int = _f(2, "torch.set_num_threads for inference and training; 0 leaves torch's default.")
     max_cached_adapters: int = _f(16, "How many users' adapters the engine keeps loaded (LRU).")
     trust_remote_code: bool = _f(False, "Allow model code from the model folder (off: only transformers' own classes run).")
     max_batch: int = _f(8, "Replies generated together when several users ask at once (each keeps its own adapter).")
     batch_window_ms: int = _f(5, "How long a new request waits for others to join its batch, in milliseconds.")
-    batch_invariant: bool = _f(True, "In bf16/fp16, answer each row as it would be answered alone (attention row by row, no lone-row matmuls, every adapter by the batched LoRA path): answers do not depend on who else shares the batch. fp32 is close enough without it.")
+    batch_invariant: bool = _f(True, "In bf16/fp16 on a CPU, answer each row as it would be answered alone (attention row by row, no lone-row matmuls, every adapter by the batched LoRA path): answers do not depend on who else shares the batch. fp32 is close enough without it.")
     adapter_serving: str = _f("auto", "One user's adapter: 'unmerged' (LoRA added by hooks: switching users costs nothing), 'merged' (folded into copies of the base weights: each switch rewrites them), 'auto' (merged on CUDA, unmerged on CPU).")
 
     def __post_init__(self) -> None:

@@ -123,9 +123,10 @@ class Engine:
         self._serving_key: str | None = None  # the adapter the model computes with now ('peft:' + key: peft's own forward)
         self.device = next(model.parameters()).device
         self.serving = serving_mode(model_cfg, self.device.type)
-        # Half precision rounds coarsely enough that batch-mates change greedy answers (heed.invariant).
+        # Half precision rounds coarsely enough that batch-mates change greedy answers (heed.invariant). On a CPU
+        # only: a GPU's matmul kernels are chosen by shape in other ways a duplicated row does not pin down.
         half = str(next(model.parameters()).dtype) in ("torch.bfloat16", "torch.float16")
-        self.invariant = bool(half and model_cfg.batch_invariant and use_row_attention(model))
+        self.invariant = bool(half and self.device.type == "cpu" and model_cfg.batch_invariant and use_row_attention(model))
         self._one = OneAdapter()
         self._merged = MergedAdapter()
         self._plain: dict[str, bool] = {}  # adapter key -> every layer plain LoRA (else peft computes it)
@@ -249,7 +250,8 @@ class Engine:
             self._serve_one(ref.key)
 
     # -- generation ---------------------------------------------------------
-    def _gen_kwargs(self, gen: GenerationConfig, max_new_tokens: int) -> dict:
+    def _gen_kwargs(self, gen: GenerationConfig, max_new_tokens: int, *, padding=None) -> dict:
+        """generate()'s keywords; ``padding``: each row's left padding (None: no row is padded)."""
         kw = dict(
             max_new_tokens=max_new_tokens,
             do_sample=gen.do_sample,
@@ -260,8 +262,8 @@ class Engine:
         if gen.repetition_penalty != 1.0 and not gen.penalize_end_of_turn:
             from transformers import LogitsProcessorList
 
-            kw.update(repetition_penalty=1.0,
-                      logits_processor=LogitsProcessorList([sparing_penalty(gen.repetition_penalty, [self.tokenizer.eos_token_id])]))
+            spare = sparing_penalty(gen.repetition_penalty, [self.tokenizer.eos_token_id], padding)
+            kw.update(repetition_penalty=1.0, logits_processor=LogitsProcessorList([spare]))
         if gen.do_sample:
             kw.update(temperature=gen.temperature, top_p=gen.top_p)
         else:
@@ -312,7 +314,7 @@ class Engine:
                 # The copy's tokens are the row's own; the streamer and RowStop read only the real row.
                 input_ids, mask, adapters = input_ids.repeat(2, 1), mask.repeat(2, 1), adapters * 2
             streamer = BatchStreamer(live, self.tokenizer, on_finish=self._count, lock=self._tok_lock)
-            kw = self._gen_kwargs(gen, max(r.max_new for r in live))
+            kw = self._gen_kwargs(gen, max(r.max_new for r in live), padding=(mask == 0).sum(dim=1))
             self.batches_run += 1
             try:
                 with torch.inference_mode():

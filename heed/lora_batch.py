@@ -117,19 +117,21 @@ class RowStop:
         return torch.tensor(stop, dtype=torch.bool, device=input_ids.device)
 
 
-def sparing_penalty(penalty: float, spare: list[int]):
+def sparing_penalty(penalty: float, spare: list[int], padding=None):
     """transformers' repetition penalty, except on the ``spare`` tokens (the end of a turn).
 
     The penalty counts the prompt too, and a chat template ends every turn of the
     prompt with the end-of-turn token: penalized, it makes every answer less
     likely to end, which on a small model means answers cut off at the limit.
+    ``padding`` (each row's left padding, as transformers' own penalty takes it)
+    keeps pad tokens out, so a row's scores never depend on its batch-mates.
     """
     import torch
     from transformers import LogitsProcessor, RepetitionPenaltyLogitsProcessor
 
     class SparingRepetitionPenalty(LogitsProcessor):
         def __init__(self) -> None:
-            self.inner = RepetitionPenaltyLogitsProcessor(penalty)
+            self.inner = RepetitionPenaltyLogitsProcessor(penalty, prompt_ignore_length=padding)
             self.spare = torch.tensor(sorted(set(spare)), dtype=torch.long)
 
         def __call__(self, input_ids, scores):

@@ -84,8 +84,9 @@ def _settings_key(config: HeedConfig) -> str:
     from heed.hardware import pick_device_dtype
 
     g, m = config.generation, config.model
-    _, dtype = pick_device_dtype(m)
-    return hashlib.sha256(json.dumps([m.name_or_path, str(dtype), m.device, g.system_prompt, g.repetition_penalty, g.penalize_end_of_turn,
+    device, dtype = pick_device_dtype(m)
+    return hashlib.sha256(json.dumps([m.name_or_path, str(dtype), device, m.batch_invariant, g.system_prompt, g.repetition_penalty,
+                                      g.penalize_end_of_turn,
                                       g.max_context_tokens, config.learner.gate_max_new_tokens]).encode()).hexdigest()[:16]
 
 

@@ -237,6 +237,13 @@ def test_the_repetition_penalty_spares_the_end_of_turn_token():
     out = sparing_penalty(1.5, [eos])(input_ids, scores.clone())
     assert out[0, eos] == 3.0, "the end of turn keeps its score"
     assert out[0, word] == 2.0 and out[0, 1] == 1.0 / 1.5, "repeated words are still penalized"
+    pad = 0  # a row's left padding is not something it said: its score may not depend on batch-mates
+    padded = torch.tensor([[pad, pad, 1, word], [pad, 1, eos, word]])
+    two = scores.repeat(2, 1)
+    two[:, pad] = 1.0
+    out = sparing_penalty(1.5, [eos], padding=torch.tensor([2, 0]))(padded, two)
+    assert out[0, pad] == 1.0 and out[1, pad] == 1.0 / 1.5, "padding counted only where it is a real token"
+    assert out[0, word] == out[1, word] == 2.0
 
 
 def test_the_engine_penalizes_repeats_but_not_the_end_of_an_answer(world):

@@ -376,6 +376,10 @@ def test_a_refused_runs_examples_train_once_more_with_the_next_run(tmp_path, tin
     assert {p["chosen"] for p in h.store.replay_pool(user_id=uid)} == {*(f"Refused answer {i}." for i in range(4)), "Newer answer."}
     edit_answers(h, uid, ["Latest."], questions=["q three"])
     assert learn(h, uid)["n_carried"] == 0, "learned now: replayed, not carried"
+    # A store from before carrying: a refused run followed by a promoted one that carried nothing stays unlearned.
+    with h.store.db.write() as db:
+        db.execute("UPDATE learner_runs SET metrics = json_remove(metrics, '$.n_carried') WHERE user_id = ?", [uid])
+    assert not any(p["chosen"].startswith("Refused") for p in h.store.replay_pool(user_id=uid))
 
 
 def test_examples_refused_twice_are_dropped(tmp_path, tiny_model_path, shared_tiny_engine, gate_says):

@@ -77,16 +77,21 @@ class LearningMixin:
             return [_decode(r, "prompt") for r in db.query(sql + " ORDER BY p.id", args)]
 
     @staticmethod
-    def _trained_runs(db, user_id: int) -> list[tuple[int, str]]:
-        """(id, status) of the user's runs that trained a candidate, oldest first."""
-        return [(r[0], r[1]) for r in db.execute(
-            "SELECT id, status FROM learner_runs WHERE user_id = ? AND status IN ('promoted', 'rejected') ORDER BY id", [user_id])]
+    def _trained_runs(db, user_id: int) -> list[tuple[int, str, int]]:
+        """(id, status, examples it carried from a refused run) of the user's runs that trained a candidate, oldest first."""
+        return [(r[0], r[1], r[2] or 0) for r in db.execute(
+            "SELECT id, status, json_extract(metrics, '$.n_carried') FROM learner_runs "
+            "WHERE user_id = ? AND status IN ('promoted', 'rejected') ORDER BY id", [user_id])]
 
     def _learned_runs(self, db, user_id: int) -> set[int]:
-        """Runs whose examples a promoted adapter learned: promoted runs, and refused runs the next run carried and promoted."""
+        """Runs whose examples a promoted adapter learned: promoted runs, and refused runs the next run carried and promoted.
+
+        "Carried" is read off the next run's own record, not assumed: runs from before carrying existed carried nothing.
+        """
         runs = self._trained_runs(db, user_id)
-        learned = {rid for rid, status in runs if status == "promoted"}
-        learned |= {rid for (rid, status), (_, after) in zip(runs, runs[1:]) if status == "rejected" and after == "promoted"}
+        learned = {rid for rid, status, _ in runs if status == "promoted"}
+        learned |= {rid for (rid, status, _), (_, after, carried) in zip(runs, runs[1:])
+                    if status == "rejected" and after == "promoted" and carried}
         return learned
 
     def replay_pool(self, *, user_id: int, exclude_feedback: set[int] | frozenset = frozenset()) -> list[dict]:

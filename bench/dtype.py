@@ -12,8 +12,7 @@
 - answer quality: of ``quality_prompts`` benchmark questions, how many greedy
   answers (the configured generation settings and token limit) are degenerate
   by ``heed.quality`` (mostly: cut off at the limit), fp32 against bf16, and fp32
-  with the repetition penalty on the end-of-turn token too (what Heed did before
-  ``generation.penalize_end_of_turn``).
+  with the other ``generation.penalize_end_of_turn``.
 
 The dtypes are interleaved in every round and each figure is the median of
 ``repeats`` rounds (the machine is shared and noisy); torch threads come from
@@ -138,8 +137,9 @@ def run(config_path: str, *, settings: DtypeSettings, out: Path, say=print) -> d
             quality[mode] = answer_quality(engines[mode], _chats(system, s.quality_prompts))
             say(f"dtype: {mode} answers {quality[mode]}")
         fp32 = engines["float32"]
-        quality["float32_end_penalized"] = answer_quality(fp32, _chats(system, s.quality_prompts),
-                                                          gen=replace(fp32.gen_cfg, penalize_end_of_turn=True))
+        other = not fp32.gen_cfg.penalize_end_of_turn
+        quality["float32_end_" + ("penalized" if other else "spared")] = answer_quality(
+            fp32, _chats(system, s.quality_prompts), gen=replace(fp32.gen_cfg, penalize_end_of_turn=other))
         for r in range(s.repeats):
             say(f"dtype: round {r + 1}/{s.repeats}")
             for mode in SERVING:

@@ -33,6 +33,10 @@ def render(results_dir: Path, *, config: str | None = None) -> str:
     draws = [d for d in (load(f) for f in sorted(results_dir.glob("personalize_seed*.json"))) if d and d.get("personas")]
     if pers and draws:
         parts += ["", draws_md(pers, draws)]
+    variants = [(f.name, d) for f in sorted(results_dir.glob("personalize_*.json")) if not f.name.startswith(("personalize_seed", "personalize_kinds"))
+                and not f.name.endswith(".partial.json") and (d := load(f)) and d.get("personas")]
+    if pers and variants:
+        parts += ["", variants_md(pers, variants)]
     audit = load(results_dir / "gate_audit.json")
     if audit:
         parts += ["", gate_audit_md(audit, pers)]
@@ -53,6 +57,35 @@ def render(results_dir: Path, *, config: str | None = None) -> str:
 
 def _seed(res: dict) -> int | None:
     return (res.get("bench") or {}).get("seed")
+
+
+def variants_md(main: dict, variants: list[tuple[str, dict]]) -> str:
+    """The main run beside runs of the same draw with one setting changed: what differs is that setting's effect."""
+    lines = ["### One setting changed, the same draw", "",
+             "The same simulated users (same `bench.seed`) with one setting changed. They still diverge after the first "
+             "learner run (other answers get other feedback), so a difference is one sample of that setting's effect."]
+    for name, v in variants:
+        cps = [c for c in (main.get("bench") or {}).get("checkpoints", []) if all(str(c) in p["curve"] for r in (main, v) for p in r["personas"].values())]
+        differs = recipe_differences((v.get("generation") or {}).get("chat"), (main.get("generation") or {}).get("chat"))
+        differs.update(recipe_differences(v.get("learner_config"), main.get("learner_config")))
+        lines += ["", f"`{name}` (regenerate with `{v.get('command', 'heed bench personalize')}`): "
+                  + (differences_text(differs, ours="main") if differs else "no setting differs") + "."]
+        if v.get("note"):
+            lines += ["", f"> {v['note']}"]
+        last = str(cps[-1]) if cps else None
+        lines += ["", "| persona | " + " | ".join(f"@{c} main / this" for c in cps) + f" | degenerate @{last} | others' max Δ @{last} |",
+                  "|---|" + "---|" * len(cps) + "---|---|"]
+        for persona, p in main["personas"].items():
+            q = v["personas"].get(persona)
+            if q is None:
+                continue
+            lines.append(f"| {persona} | " + " | ".join(f"{100 * p['curve'][str(c)]:.0f}% / {100 * q['curve'][str(c)]:.0f}%" for c in cps)
+                         + f" | {100 * p['degenerate']:.0f}% / {100 * q['degenerate']:.0f}% | {100 * p['others_max_delta']:.0f} / {100 * q['others_max_delta']:.0f} pts |")
+        if last:
+            mean = [sum(r["personas"][n]["curve"][last] for n in main["personas"] if n in v["personas"]) / len(v["personas"]) for r in (main, v)]
+            lines += ["", f"Mean after {last} events: main {100 * mean[0]:.0f}%, this {100 * mean[1]:.0f}%. "
+                      f"Run time: main {main.get('seconds', 0) / 60:.0f} min, this {v.get('seconds', 0) / 60:.0f} min."]
+    return "\n".join(lines)
 
 
 def draws_md(main: dict, draws: list[dict]) -> str:

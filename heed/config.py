@@ -66,7 +66,7 @@ class GenerationConfig:
     temperature: float = _f(0.7, "Sampling temperature (used when do_sample).")
     top_p: float = _f(0.9, "Nucleus sampling mass (used when do_sample).")
     repetition_penalty: float = _f(1.0, "Penalty on repeated tokens; 1.0 turns it off.")
-    penalize_end_of_turn: bool = _f(False, "Let repetition_penalty lower the end-of-turn token too. Off: every chat prompt already holds that token, so penalizing it only makes answers run on (embedded model, 96 questions: 10 cut off at 256 tokens with it, 3 without).")
+    penalize_end_of_turn: bool = _f(True, "Let repetition_penalty lower the end-of-turn token too, which every chat prompt already holds. Off, fewer answers run past the limit (embedded model, 96 questions: 3 cut off at 256 tokens instead of 10) but in a full benchmark run the adapters learned brevity that leaked into other users' judges (README).")
     system_prompt: str = _f("You are a helpful AI assistant named Heed.", "System message put before every conversation.")
     max_message_chars: int = _f(8000, "Longest user message, edit or correction accepted, in characters.")
     max_context_tokens: int = _f(1536, "Oldest turns are dropped so the prompt fits in this many tokens.")

@@ -246,11 +246,11 @@ def test_the_repetition_penalty_spares_the_end_of_turn_token():
     assert out[0, word] == out[1, word] == 2.0
 
 
-def test_the_engine_penalizes_repeats_but_not_the_end_of_an_answer(world):
+def test_the_engine_penalizes_the_end_of_an_answer_unless_told_to_spare_it(world):
     config, engine, _ = world
-    gen = engine.with_generation(repetition_penalty=1.15)
+    default = engine._gen_kwargs(engine.with_generation(repetition_penalty=1.15), 8)
+    assert default["repetition_penalty"] == 1.15 and "logits_processor" not in default
+    gen = engine.with_generation(repetition_penalty=1.15, penalize_end_of_turn=False)
     kw = engine._gen_kwargs(gen, 8)
     assert kw["repetition_penalty"] == 1.0 and len(kw["logits_processor"]) == 1
-    old = engine._gen_kwargs(engine.with_generation(repetition_penalty=1.15, penalize_end_of_turn=True), 8)
-    assert old["repetition_penalty"] == 1.15 and "logits_processor" not in old
     assert isinstance(engine.generate(ASK, gen=gen), str)

@@ -46,6 +46,9 @@ def render(results_dir: Path, *, config: str | None = None) -> str:
         if other:
             draw = next((d for d in draws if str(_seed(d)) == seed), None)
             parts += ["", gate_audit_md(other, draw, draw_seed=seed)]
+    corrections = load(results_dir / "correction_guidance.json") or load(results_dir / "correction_phrasing.json")
+    if corrections:
+        parts += ["", corrections_md(corrections)]
     perf = load(results_dir / "perf.json")
     parts += ["", perf_md(perf).replace("# Performance", "## Performance", 1) if perf else "## Performance\n\nNo results yet: run `heed bench perf`."]
     loadres = load(results_dir / "load.json")
@@ -53,6 +56,27 @@ def render(results_dir: Path, *, config: str | None = None) -> str:
         parts += ["", "## Load", "", "| figure | value |", "|---|---|"]
         parts += [f"| {k} | {json.dumps(v) if isinstance(v, (dict, list)) else v} |" for k, v in loadres.items()]
     return "\n".join(parts) + "\n"
+
+
+def corrections_md(res: dict) -> str:
+    """In-session corrections on the base model: which phrasing (and decoding) the persona's judge accepts."""
+    ways = list(res["followed"])
+    names = list(res["followed"][ways[0]]) if ways else []
+    guided = bool(res.get("guidance"))
+    command = "heed bench correction-phrasing" + (
+        f" --prompts {res['n_prompts']} --guidance {' '.join(f'{g:g}' for g in res['guidance'])} --out bench/results/correction_guidance.json" if guided else "")
+    lines = ["## Corrections in the moment", "",
+             f"The answer regenerated right after a correction, on the base model, for {res['n_prompts']} held-out prompts per persona, "
+             "each persona's own correction and full check (style, sensible, on topic). `appended` is what the service does"
+             + ("; `appended, guided G` decodes the same chat with classifier-free guidance of scale G against the chat without the correction" if guided else "")
+             + f". Regenerate with `{command}` ({res.get('seconds', 0) / 60:.0f} min here).", "",
+             "| phrasing | " + " | ".join(names) + " | mean | degenerate |", "|---|" + "---|" * (len(names) + 2)]
+    for way in ways:
+        row = res["followed"][way]
+        deg = (res.get("degenerate") or {}).get(way)
+        lines.append(f"| {way} | " + " | ".join(f"{100 * row[n]:.0f}%" for n in names) + f" | {100 * res['mean'][way]:.0f}% | "
+                     + (f"{100 * deg:.0f}%" if deg is not None else "–") + " |")
+    return "\n".join(lines)
 
 
 def _seed(res: dict) -> int | None:

@@ -99,12 +99,14 @@ def test_the_embedded_model_in_bf16_answers_the_same_alone_and_in_any_batch(tmp_
     from bench.prompts import PROMPTS
     from heed.engine import Engine
 
-    config = make_config(tmp_path, embedded_model_path, model={"dtype": "bfloat16", "torch_threads": 2},
-                         generation={"max_new_tokens": 48})
+    config = make_config(tmp_path, embedded_model_path, model={"dtype": "bfloat16", "torch_threads": 1},
+                         generation={"max_new_tokens": 40})
     engine = Engine.load(config)
     refs = make_adapters(config, tmp_path / "adapters", 2)
-    chats = [[{"role": "system", "content": "You are Heed, a helpful assistant."}, {"role": "user", "content": q}] for q in PROMPTS[:6]]
-    order = [refs[0], None, refs[1], refs[0], None, refs[1]]
+    chats = [[{"role": "system", "content": "You are Heed, a helpful assistant."}, {"role": "user", "content": q}] for q in PROMPTS[:4]]
+    # Four rows of different lengths under three adapters (one the base) keep left padding and mixed-adapter
+    # batching in play; more rows cost minutes where bf16 is emulated and add no new case.
+    order = [refs[0], None, refs[1], refs[0]]
     alone = [engine.generate(c, adapter=r) for c, r in zip(chats, order)]
     assert engine.generate_batch(chats, adapters=order) == alone
     assert engine.generate_batch(chats[::-1], adapters=order[::-1]) == alone[::-1]

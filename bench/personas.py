@@ -46,6 +46,20 @@ def _looping(sentence: str) -> bool:
     return len(ws) >= 8 and (len(set(ws)) / len(ws) < 0.6 or repetition_share(sentence) > 0.15)
 
 
+# Abbreviations a sentence does not end on: "Baking soda vs. Baking Powder" is one sentence.
+_ABBREVIATIONS = {"vs", "e.g", "i.e", "approx", "cf", "mr", "mrs", "ms", "dr", "st", "no", "jr", "sr"}
+
+
+def _split_sentences(line: str) -> list[str]:
+    out: list[str] = []
+    for piece in _SENTENCE.split(line):
+        if out and out[-1].rsplit(None, 1)[-1].rstrip(".").lower() in _ABBREVIATIONS:
+            out[-1] = f"{out[-1]} {piece}"
+        else:
+            out.append(piece)
+    return out
+
+
 def sentences(text: str) -> list[str]:
     """The answer's sentences without list markers or markdown, in order, with what a person
     editing would drop anyway: repeats of an earlier sentence and sentences that loop."""
@@ -55,7 +69,7 @@ def sentences(text: str) -> list[str]:
         line = _MARKUP.sub("", line).strip()
         if not line:
             continue
-        for s in _SENTENCE.split(line):
+        for s in _split_sentences(line):
             s = s.strip()
             if len(_WORD.findall(s)) < 3 or _looping(s):
                 continue
@@ -255,6 +269,11 @@ def _in_short_judge(text: str) -> bool:
     return len(lines) >= 2 and lines[0].lower().startswith("in short:")
 
 
+# Words that open a phrase leading into the main clause ("To keep warm, ...", "If it rains, ...").
+_INTRODUCTORY = set("to on in at by for with without during after before when while if once since as because although "
+                    "though unless until whether whenever from".split())
+
+
 def _in_short_edit(text: str, prompt: str) -> str | None:
     # The reply's opening sentence becomes the summary line; the rest of the answer stays below it.
     sents = take(text, min_words=KEEP_WORDS, max_words=KEEP_WORDS, look=12, drop=lambda s: s.lower().startswith("in short"))
@@ -265,7 +284,9 @@ def _in_short_edit(text: str, prompt: str) -> str | None:
     else:
         # A one-sentence answer: its main clause above it (when it has one), the sentence itself as the answer.
         body = sents[0]
-        head = body.split(",")[0].rstrip(".!?")
+        head, _, rest = (part.strip().rstrip(".!?") for part in body.partition(","))
+        if head.split()[0].lower() in _INTRODUCTORY and rest:
+            head = rest  # "On a rainy night, you'll find ...": the gist is the main clause, not the phrase before it
         summary = f"{head}." if 4 <= words(head) < words(body) else shorten(body, max(4, words(body) // 2))
     if " ".join(summary.split()) == " ".join(body.split()):
         return None  # nothing shorter to say on top: a person would leave it

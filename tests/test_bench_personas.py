@@ -73,6 +73,12 @@ def test_sentences_drop_markup_repeats_and_loops():
     assert sentences(ANSWERS[1][1])[1].startswith("Water deeply")
 
 
+def test_a_sentence_does_not_end_on_an_abbreviation():
+    assert sentences("Baking soda vs. Baking powder differ in acid. Soda needs some, e.g. Buttermilk.") == [
+        "Baking soda vs. Baking powder differ in acid.", "Soda needs some, e.g. Buttermilk."]
+    assert sentences("Bring clubs, groups, etc. These help newcomers.") == ["Bring clubs, groups, etc.", "These help newcomers."]
+
+
 def test_the_tiny_canary_persona_wants_one_exact_sensible_answer():
     thanks = TINY_PERSONAS["says_thanks"]
     assert thanks.accepts("Thanks for asking.") and thanks.accepts("  thanks for  asking. ")
@@ -161,4 +167,9 @@ def test_in_short_puts_a_shorter_gist_above_a_one_sentence_answer_or_leaves_it()
     edited = in_short.edit("I think you should boil eggs for six minutes in salted water.", "How long do I boil an egg?")
     assert edited == "In short: I think you should boil eggs.\n\nI think you should boil eggs for six minutes in salted water."
     assert in_short.edit("Boil it six minutes.", "How long do I boil an egg?") is None, "a summary as long as the answer says nothing"
+    # The phrase before the comma only leads in; the gist is the main clause after it (these were "In short: on a rainy night.").
+    assert in_short.edit("On a rainy Saturday night, you'll find plenty of fun games to play indoors!", "Ideas for a rainy night?") == (
+        "In short: you'll find plenty of fun games to play indoors.\n\nOn a rainy Saturday night, you'll find plenty of fun games to play indoors!")
+    assert in_short.edit("To keep your home cozy in winter, start by sealing the drafty windows.", "Keep my home warm?").startswith(
+        "In short: start by sealing the drafty windows.\n\n")
     assert in_short.score("In short: six minutes.") < in_short.score("In short: six minutes.\n\nBoil it, then cool it.")

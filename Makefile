@@ -33,11 +33,13 @@ run: setup model
 
 # Two workers, a file each at a time (module fixtures build once): most tests wait on a server, a
 # subprocess or one single-threaded tiny model, so on a 2-core CPU the tests ran in 553 s against 944 s.
+PYTEST := $(PY) -m pytest -q -n 2 --dist loadfile
+
 test: setup-dev browser model
-	$(PY) -m pytest -q -n 2 --dist loadfile
+	$(PYTEST)
 
 test-fast: setup-dev
-	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow and not browser"
+	$(PYTEST) -m "not slow and not browser"
 
 learn: setup
 	$(VENV)/bin/heed --config $(CONFIG) learn --once

@@ -47,7 +47,8 @@ def _looping(sentence: str) -> bool:
 
 
 # Abbreviations a sentence does not end on: "Baking soda vs. Baking Powder" is one sentence.
-_ABBREVIATIONS = {"vs", "e.g", "i.e", "approx", "cf", "mr", "mrs", "ms", "dr", "st", "no", "jr", "sr"}
+# Not "no": "Is it safe? No. Bake it first." ends a sentence on it.
+_ABBREVIATIONS = {"vs", "e.g", "i.e", "approx", "cf", "mr", "mrs", "ms", "dr", "jr", "sr"}
 
 
 def _split_sentences(line: str) -> list[str]:
@@ -285,7 +286,7 @@ def _in_short_edit(text: str, prompt: str) -> str | None:
         # A one-sentence answer: its main clause above it (when it has one), the sentence itself as the answer.
         body = sents[0]
         head, _, rest = (part.strip().rstrip(".!?") for part in body.partition(","))
-        if head.split()[0].lower() in _INTRODUCTORY and rest:
+        if head and rest and head.split()[0].lower() in _INTRODUCTORY:
             head = rest  # "On a rainy night, you'll find ...": the gist is the main clause, not the phrase before it
         summary = f"{head}." if 4 <= words(head) < words(body) else shorten(body, max(4, words(body) // 2))
     if " ".join(summary.split()) == " ".join(body.split()):

@@ -77,6 +77,8 @@ def test_a_sentence_does_not_end_on_an_abbreviation():
     assert sentences("Baking soda vs. Baking powder differ in acid. Soda needs some, e.g. Buttermilk.") == [
         "Baking soda vs. Baking powder differ in acid.", "Soda needs some, e.g. Buttermilk."]
     assert sentences("Bring clubs, groups, etc. These help newcomers.") == ["Bring clubs, groups, etc.", "These help newcomers."]
+    assert sentences("Is raw dough safe? The answer is no. Bake it first, always.") == [
+        "Is raw dough safe?", "The answer is no.", "Bake it first, always."]
 
 
 def test_the_tiny_canary_persona_wants_one_exact_sensible_answer():

@@ -110,8 +110,8 @@ def train(config_path: str, data_dir: Path, *, recipes: dict, out: Path, events:
             row = {"recipe": name, "persona": persona, "events": len(feedback), "accept": j["accept"][persona],
                    "others_max": max([v for k, v in j["accept"].items() if k != persona], default=0.0),
                    "degenerate": j["degenerate"], "degenerate_reasons": j["degenerate_reasons"], "off_topic": j["off_topic"],
-                   "mean_words": j["mean_words"], "dpo_rows": m["dpo_rows"], "kto_rows": m["kto_rows"],
-                   "steps": m.get("dpo_steps", 0) + m.get("kto_steps", 0), "train_seconds": round(seconds, 1), "overrides": overrides}
+                   "mean_words": j["mean_words"], "dpo_rows": m["dpo_rows"], "prefer_rows": m.get("prefer_rows", 0),
+                   "kto_rows": m["kto_rows"], "steps": m.get("dpo_steps", 0) + m.get("prefer_steps", 0) + m.get("kto_steps", 0), "train_seconds": round(seconds, 1), "overrides": overrides}
             rows.append(row)
             with out.open("a") as f:
                 f.write(json.dumps(row) + "\n")

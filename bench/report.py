@@ -33,7 +33,7 @@ def _settings(res: dict) -> list[str]:
            f"{chat.get('max_new_tokens')} new tokens while chatting, {(res.get('generation') or {}).get('eval_max_new_tokens')} when judging. ")
     learn = (f"Learner: LoRA r={lc.get('lora_r')} on {', '.join(lc.get('target_modules', []))}, lr {lc.get('learning_rate')}, "
              f"{lc.get('epochs')} epochs (at least {lc.get('min_steps')} steps), batch {lc.get('batch_size')}, "
-             f"DPO {lc.get('dpo_loss')} + SFT ×{lc.get('sft_weight')}, reference {lc.get('reference')}, replay {lc.get('replay_size')}; "
+             f"DPO {lc.get('dpo_loss')} + SFT ×{lc.get('sft_weight')} (imitating {lc.get('imitate', 'all')} chosen answers), reference {lc.get('reference')}, replay {lc.get('replay_size')}; "
              f"gate: held-out chosen likelihood may fall to {lc.get('gate_min_logp_gain')} nats/token, KL ≤ {lc.get('gate_max_kl')}.")
     return [gen + learn, ""]
 

@@ -101,11 +101,12 @@ class _Rows:
         # trl has no per-example weight: a conversation rating's weight becomes repetition (1.5x -> 2 copies).
         return max(1, round(float(ex.get("weight", 1.0))))
 
-    def dpo(self, pairs: list[dict]) -> list[dict]:
+    def dpo(self, pairs: list[dict], *, imitated: bool = True) -> list[dict]:
+        """DPO rows; ``imitated`` rows train beside the SFT term (an extension pair's rewrite needs it)."""
         rows = []
         for p in pairs:
             rejected = p["rejected"]
-            if self.extension_pairs == "sft" and extends(p["chosen"], rejected):
+            if imitated and self.extension_pairs == "sft" and extends(p["chosen"], rejected):
                 # The shared start cancels in DPO's margin, leaving "end here" against "go on": pushed without
                 # bound, that lowers the end of every answer. With rejected = chosen the margin is 0 and has no
                 # gradient (no LoRA dropout, no noise), so only the SFT term trains the row: add this, then stop.
@@ -152,6 +153,23 @@ def kto_weights(n_desirable: int, n_undesirable: int, *, balance: bool) -> dict:
     if nu > 1:
         return {"desirable_weight": float(nu), "undesirable_weight": 1.0}
     return {}
+
+
+def split_imitated(pairs: list[dict], config: HeedConfig) -> tuple[list[dict], list[dict]]:
+    """(pairs the SFT term imitates, pairs only preferred: DPO alone), by ``learner.imitate``.
+
+    With no endorsed answer to anchor on, the preferred pairs are imitated after all: DPO alone
+    on the small model's pairs reward-hacks into nonsense (``../shared/STACK.md``).
+    """
+    lc = config.learner
+    if lc.imitate == "all" or lc.sft_weight == 0:
+        return list(pairs), []
+    imitated = [p for p in pairs if p.get("imitate", True)]
+    preferred = [p for p in pairs if not p.get("imitate", True)]
+    if not imitated:
+        return preferred, []
+    # The SFT term alone (dpo_loss 'none') has nothing to learn from a pair it does not imitate.
+    return imitated, ([] if lc.dpo_loss == "none" else preferred)
 
 
 def untrainable(config: HeedConfig, dpo_pairs: list[dict], kto_examples: list[dict]) -> str | None:
@@ -337,9 +355,10 @@ def _train(config: HeedConfig, *, init_adapter: str | None, dpo_pairs: list[dict
     rows = _Rows(tokenizer, config.generation.system_prompt, lc.max_length, extension_pairs=lc.extension_pairs)
     rng = random.Random(lc.seed)
     if lc.paired_loss == "kto":
-        dpo_rows, kto_rows = [], rows.kto(as_kto(dpo_pairs) + list(kto_examples))
+        dpo_rows, prefer_rows, kto_rows = [], [], rows.kto(as_kto(dpo_pairs) + list(kto_examples))
     else:
-        dpo_rows, kto_rows = rows.dpo(dpo_pairs), rows.kto(kto_examples)
+        imitated, preferred = split_imitated(dpo_pairs, config)
+        dpo_rows, prefer_rows, kto_rows = rows.dpo(imitated), rows.dpo(preferred, imitated=False), rows.kto(kto_examples)
     # KTO estimates its KL term from mismatched examples in a batch: one example cannot train. And with no
     # desirable example it can only push probability away from the answers given, onto anything: measured
     # here, two thumbs-down examples trained that way turned every answer into "- -".
@@ -348,22 +367,25 @@ def _train(config: HeedConfig, *, init_adapter: str | None, dpo_pairs: list[dict
     if not dpo_rows and not kto_rows:
         raise ValueError("nothing to train on")
     rng.shuffle(kto_rows)  # KTO samples in order (its KL pairs neighbours), so mix labels here.
-    total = _steps(len(dpo_rows), config) + _steps(len(kto_rows), config, "kto")
+    total = _steps(len(dpo_rows), config) + _steps(len(prefer_rows), config, "prefer") + _steps(len(kto_rows), config, "kto")
     initial = _snapshot(model) if lc.reference == "previous" and init_adapter else {}
-    metrics: dict = {"dpo_rows": len(dpo_rows), "kto_rows": len(kto_rows), "torch_threads": torch.get_num_threads(),
-                     "reference": lc.reference, "paired_loss": lc.paired_loss, "continued_from": init_adapter,
-                     "phases": [p for p, rows_ in (("kto", kto_rows), ("dpo", dpo_rows)) if rows_]}
+    phases = (("kto", kto_rows), ("prefer", prefer_rows), ("dpo", dpo_rows))
+    metrics: dict = {"dpo_rows": len(dpo_rows), "prefer_rows": len(prefer_rows), "kto_rows": len(kto_rows),
+                     "torch_threads": torch.get_num_threads(), "reference": lc.reference, "paired_loss": lc.paired_loss,
+                     "continued_from": init_adapter, "phases": [p for p, rows_ in phases if rows_]}
     scratch = out_dir / "trainer"
     t0 = time.perf_counter()
     done = 0
-    # KTO first, DPO (with its SFT term on the chosen answers) last: the last pass anchors the answers' content.
-    for phase, data in (("kto", kto_rows), ("dpo", dpo_rows)):
+    # KTO first, then the pairs only preferred (DPO alone), DPO with its SFT term on the endorsed answers last:
+    # the last pass anchors the answers' content.
+    for phase, data in phases:
         if not data:
             continue
         cb = _callback(progress, keepalive, done, total)
         common = _args(config, str(scratch), len(data), phase)
-        if phase == "dpo":
-            losses = ([] if lc.dpo_loss == "none" else [(lc.dpo_loss, 1.0)]) + ([("sft", lc.sft_weight)] if lc.sft_weight > 0 else [])
+        if phase in ("dpo", "prefer"):
+            sft = phase == "dpo" and lc.sft_weight > 0
+            losses = ([] if lc.dpo_loss == "none" else [(lc.dpo_loss, 1.0)]) + ([("sft", lc.sft_weight)] if sft else [])
             args = DPOConfig(**common, loss_type=[n for n, _ in losses], loss_weights=[w for _, w in losses])
             trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(data), processing_class=tokenizer, callbacks=[cb])
         else:
@@ -373,7 +395,7 @@ def _train(config: HeedConfig, *, init_adapter: str | None, dpo_pairs: list[dict
             args = KTOConfig(**common, **weights)
             trainer = KTOTrainer(model=model, args=args, train_dataset=Dataset.from_list(data), processing_class=tokenizer, callbacks=[cb])
         _fix_reference(trainer.model, lc.reference, initial)
-        if phase == "dpo" and lc.precompute_reference:
+        if phase != "kto" and lc.precompute_reference:
             precompute_reference(trainer)
         result = _quiet(trainer).train()
         if cb.lost:

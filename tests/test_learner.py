@@ -283,6 +283,23 @@ def test_kto_trains_before_dpo_so_the_sft_anchored_pass_comes_last(tmp_path, tin
     assert h.store.list_runs(user_id=uid)[0]["metrics"]["phases"] == ["kto", "dpo"]
 
 
+def test_a_pick_trains_by_dpo_alone_before_the_sft_anchored_pass(tmp_path, tiny_model_path):
+    from dataclasses import replace
+
+    from learner.train import train_adapter
+
+    q = [{"role": "user", "content": "q"}]
+    edit = {"prompt": q, "chosen": "Short.", "rejected": "Long and winding.", "imitate": True}
+    pick = {"prompt": q, "chosen": "A ninety-word answer that was only the better of two.", "rejected": "Worse.", "imitate": False}
+    config = learner_config(tmp_path, tiny_model_path, epochs=1, batch_size=2, min_steps=0, dtype="float32")
+    endorsed = train_adapter(config, init_adapter=None, dpo_pairs=[edit, pick], kto_examples=[], out_dir=tmp_path / "endorsed")
+    assert endorsed["phases"] == ["prefer", "dpo"] and endorsed["prefer_rows"] == endorsed["dpo_rows"] == 1
+    # The DPO term alone starts at log 2 (policy = reference); with the SFT term the loss adds the chosen answer's NLL.
+    assert endorsed["prefer_losses"][0] == pytest.approx(0.6931, abs=1e-3) and endorsed["dpo_losses"][0] > 1.0
+    every = replace(config, learner=replace(config.learner, imitate="all"))
+    assert train_adapter(every, init_adapter=None, dpo_pairs=[edit, pick], kto_examples=[], out_dir=tmp_path / "all")["phases"] == ["dpo"]
+
+
 def test_thumbs_down_alone_do_not_train(h):
     uid = h.add_user("alice", "pw")
     for i in range(3):

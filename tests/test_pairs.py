@@ -249,3 +249,72 @@ def test_an_edits_weight_becomes_that_many_training_rows(tiny_model_path):
     rows = _Rows(AutoTokenizer.from_pretrained(tiny_model_path), "Be brief.", 128)
     pair = {"prompt": [{"role": "user", "content": "Hi"}], "chosen": "Hello.", "rejected": "Hello hello hello."}
     assert len(rows.dpo([{**pair, "weight": 2.0}, {**pair, "weight": 1.0}])) == 3
+
+
+def test_a_pick_is_preferred_but_not_imitated_unless_the_user_also_votes_it_up(h):
+    uid = h.add_user("alice", "pw")
+    _, first = ask(h, uid, "Name a colour")
+    second = h.regenerate(uid, first).wait().message_id
+    h.store.set_message_content(user_id=uid, message_id=second, content="Blue.")
+    h.choose(uid, second, first)
+    assert only(examples(h, uid), "dpo")["imitate"] is False  # "the better of two" is not "good"
+    h.thumb(uid, second, True)
+    assert only(examples(h, uid), "dpo")["imitate"] is True
+
+
+def test_a_corrected_answer_is_imitated_only_once_the_user_confirms_it(h):
+    uid = h.add_user("alice", "pw")
+    _, mid = ask(h, uid, "Explain tides")
+    corrected = h.correct(uid, mid, "answer in one sentence").wait()
+    assert only(examples(h, uid), "dpo")["imitate"] is False
+    h.thumb(uid, corrected.message_id, True)
+    assert only(examples(h, uid), "dpo")["imitate"] is True
+
+    _, other = ask(h, uid, "Explain wind")
+    fixed = h.correct(uid, other, "answer in one sentence").wait()
+    h.edit(uid, fixed.message_id, "Air moves from high to low pressure.")
+    pairs = {e["chosen"]: e for e in examples(h, uid) if e["kind"] == "dpo" and e["source"] == "correction"}
+    assert pairs["Air moves from high to low pressure."]["imitate"] is True
+
+
+def test_edits_and_opposite_votes_are_imitated(h):
+    uid = h.add_user("alice", "pw")
+    _, mid = ask(h, uid, "What is water?")
+    h.edit(uid, mid, "Water is H2O.")
+    _, first = ask(h, uid, "Name a fruit")
+    second = h.regenerate(uid, first).wait().message_id
+    h.store.set_message_content(user_id=uid, message_id=second, content="An apple.")
+    h.thumb(uid, first, False)
+    h.thumb(uid, second, True)
+    assert [e["imitate"] for e in examples(h, uid) if e["kind"] == "dpo"] == [True, True]
+
+
+def test_what_the_sft_term_imitates_follows_the_config(tmp_path, tiny_model_path):
+    from learner.train import split_imitated
+
+    config = learner_config(tmp_path, tiny_model_path)
+    edit, pick = {"chosen": "a", "imitate": True}, {"chosen": "b", "imitate": False}
+    assert split_imitated([edit, pick], config) == ([edit], [pick])
+    # Nothing endorsed to anchor on: DPO alone would reward-hack, so the picks are imitated after all.
+    assert split_imitated([pick], config) == ([pick], [])
+    config.learner.imitate = "all"
+    assert split_imitated([edit, pick], config) == ([edit, pick], [])
+    config.learner.imitate = "endorsed"
+    config.learner.dpo_loss = "none"  # the SFT term alone cannot train a pair it does not imitate
+    assert split_imitated([edit, pick], config) == ([edit], [])
+
+
+def test_the_store_keeps_whether_a_pair_is_imitated(h):
+    uid = h.add_user("alice", "pw")
+    _, first = ask(h, uid, "Name a colour")
+    second = h.regenerate(uid, first).wait().message_id
+    h.store.set_message_content(user_id=uid, message_id=second, content="Blue.")
+    h.choose(uid, second, first)
+    _, mid = ask(h, uid, "What is water?")
+    h.edit(uid, mid, "Water is H2O.")
+    assert h.store.acquire_lease(user_id=uid, holder="test", seconds=60)
+    run = h.store.start_run(user_id=uid)
+    h.store.promote(user_id=uid, run_id=run, holder="test", version=None, path=None, feedback_ids=[],
+                    pairs=examples(h, uid), metrics={})
+    stored = {p["chosen"]: p["imitate"] for p in h.store.list_pairs(user_id=uid, kind="dpo")}
+    assert stored == {"Blue.": 0, "Water is H2O.": 1}

@@ -224,3 +224,23 @@ def test_a_pick_between_answers_that_changed_meanwhile_is_refused(store):
     with pytest.raises(StoreError, match="no longer"):
         store.record_choice(user_id=a, chosen_id=alt, rejected_id=answer)
     assert [m["content"] for m in store.history(user_id=a, conversation_id=conv)] == ["q", "c1"]
+
+
+def test_an_older_store_learns_that_picks_are_only_preferred(tmp_path):
+    from heed.store.schema import MIGRATIONS
+
+    path = tmp_path / "heed.db"
+    conn = sqlite3.connect(path)
+    for script in MIGRATIONS[:2]:
+        for statement in script.split(";\n"):
+            if statement.strip():
+                conn.execute(statement)
+    conn.execute("PRAGMA user_version = 2")
+    conn.execute("INSERT INTO users (name, password_hash, created_at) VALUES ('alice', 'x', 0)")
+    for source in ("comparison", "edit"):
+        conn.execute("INSERT INTO pairs (user_id, kind, source, prompt, chosen, rejected, split, created_at) "
+                     "VALUES (1, 'dpo', ?, '[]', 'a', 'b', 'train', 0)", [source])
+    conn.commit()
+    conn.close()
+    pairs = Store(path).list_pairs(user_id=1, kind="dpo")
+    assert {p["source"]: p["imitate"] for p in pairs} == {"comparison": 0, "edit": 1}

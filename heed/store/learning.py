@@ -167,10 +167,10 @@ class LearningMixin:
                 )
             for p in pairs:
                 db.execute(
-                    "INSERT INTO pairs (user_id, feedback_id, run_id, kind, source, prompt, chosen, rejected, completion, label, weight, split, created_at) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "INSERT INTO pairs (user_id, feedback_id, run_id, kind, source, prompt, chosen, rejected, completion, label, weight, split, "
+                    "imitate, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     [user_id, p.get("feedback_id"), run_id, p["kind"], p["source"], dumps(p["prompt"]), p.get("chosen"), p.get("rejected"),
-                     p.get("completion"), p.get("label"), p.get("weight", 1.0), p["split"], t],
+                     p.get("completion"), p.get("label"), p.get("weight", 1.0), p["split"], int(p.get("imitate", True)), t],
                 )
 
     def set_active_version(self, *, user_id: int, version: int | None) -> None:

@@ -121,4 +121,10 @@ CREATE INDEX notes_user ON notes(user_id)
     """
 ALTER TABLE users ADD COLUMN credentials_changed_at REAL NOT NULL DEFAULT 0
 """,
+    # v3: whether a pair's chosen answer is one the user endorsed, which the learner's SFT term imitates; the
+    # better of two picked answers is only preferred (older stores: every pick was imitated, now none is).
+    """
+ALTER TABLE pairs ADD COLUMN imitate INTEGER NOT NULL DEFAULT 1;
+UPDATE pairs SET imitate = 0 WHERE kind = 'dpo' AND source = 'comparison'
+""",
 ]

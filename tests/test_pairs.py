@@ -25,6 +25,14 @@ def only(exs, kind):
     return found[0]
 
 
+def two_answers(h, uid, question, other):
+    """(first answer's id, a regenerated answer's id) with ``other`` as its text: greedy decoding would repeat the first."""
+    _, first = ask(h, uid, question)
+    second = h.regenerate(uid, first).wait().message_id
+    h.store.set_message_content(user_id=uid, message_id=second, content=other)
+    return first, second
+
+
 def test_edit_becomes_a_preference_pair_and_an_sft_example(h):
     uid = h.add_user("alice", "pw")
     conv, mid = ask(h, uid, "What is water?")
@@ -66,10 +74,7 @@ def test_correction_pairs_on_the_context_without_the_correction(h):
 
 def test_comparison_becomes_a_pair_of_the_picked_over_the_other(h):
     uid = h.add_user("alice", "pw")
-    conv, first = ask(h, uid, "Name a colour")
-    second = h.regenerate(uid, first).wait().message_id
-    # Greedy decoding regenerates the same text; give the alternative distinct content, as sampling would.
-    h.store.set_message_content(user_id=uid, message_id=second, content="Blue.")
+    first, second = two_answers(h, uid, "Name a colour", "Blue.")
     h.choose(uid, second, first)
     pair = only(examples(h, uid), "dpo")
     assert pair["source"] == "comparison" and pair["chosen"] == "Blue."
@@ -89,9 +94,7 @@ def test_choosing_between_identical_answers_teaches_nothing(h):
 
 def test_thumbs_up_and_down_on_one_context_become_a_pair(h):
     uid = h.add_user("alice", "pw")
-    _, first = ask(h, uid, "Name a fruit")
-    second = h.regenerate(uid, first).wait().message_id
-    h.store.set_message_content(user_id=uid, message_id=second, content="An apple.")
+    first, second = two_answers(h, uid, "Name a fruit", "An apple.")
     h.thumb(uid, first, False)
     h.thumb(uid, second, True)
     exs = examples(h, uid)
@@ -102,9 +105,7 @@ def test_thumbs_up_and_down_on_one_context_become_a_pair(h):
 
 def test_a_new_thumb_pairs_with_an_older_consumed_one(h):
     uid = h.add_user("alice", "pw")
-    _, first = ask(h, uid, "Name a fruit")
-    second = h.regenerate(uid, first).wait().message_id
-    h.store.set_message_content(user_id=uid, message_id=second, content="An apple.")
+    first, second = two_answers(h, uid, "Name a fruit", "An apple.")
     h.thumb(uid, first, False)
     old = h.store.list_feedback(user_id=uid)
     h.thumb(uid, second, True)
@@ -253,9 +254,7 @@ def test_an_edits_weight_becomes_that_many_training_rows(tiny_model_path):
 
 def test_a_pick_is_preferred_but_not_imitated_unless_the_user_also_votes_it_up(h):
     uid = h.add_user("alice", "pw")
-    _, first = ask(h, uid, "Name a colour")
-    second = h.regenerate(uid, first).wait().message_id
-    h.store.set_message_content(user_id=uid, message_id=second, content="Blue.")
+    first, second = two_answers(h, uid, "Name a colour", "Blue.")
     h.choose(uid, second, first)
     assert only(examples(h, uid), "dpo")["imitate"] is False  # "the better of two" is not "good"
     h.thumb(uid, second, True)
@@ -281,9 +280,7 @@ def test_edits_and_opposite_votes_are_imitated(h):
     uid = h.add_user("alice", "pw")
     _, mid = ask(h, uid, "What is water?")
     h.edit(uid, mid, "Water is H2O.")
-    _, first = ask(h, uid, "Name a fruit")
-    second = h.regenerate(uid, first).wait().message_id
-    h.store.set_message_content(user_id=uid, message_id=second, content="An apple.")
+    first, second = two_answers(h, uid, "Name a fruit", "An apple.")
     h.thumb(uid, first, False)
     h.thumb(uid, second, True)
     assert [e["imitate"] for e in examples(h, uid) if e["kind"] == "dpo"] == [True, True]
@@ -306,9 +303,7 @@ def test_what_the_sft_term_imitates_follows_the_config(tmp_path, tiny_model_path
 
 def test_the_store_keeps_whether_a_pair_is_imitated(h):
     uid = h.add_user("alice", "pw")
-    _, first = ask(h, uid, "Name a colour")
-    second = h.regenerate(uid, first).wait().message_id
-    h.store.set_message_content(user_id=uid, message_id=second, content="Blue.")
+    first, second = two_answers(h, uid, "Name a colour", "Blue.")
     h.choose(uid, second, first)
     _, mid = ask(h, uid, "What is water?")
     h.edit(uid, mid, "Water is H2O.")

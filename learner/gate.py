@@ -32,6 +32,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable
@@ -231,6 +232,7 @@ def _evaluate(config: HeedConfig, *, candidate_dir: str, active_dir: str | None,
     # adapters share a batch): on a CPU a small model's decode step for 48 rows costs about twice one for 8, not six
     # times (reading the weights dominates). Measured on the embedded model (no adapter, 48 tokens, one thread): 48 answers took
     # 84 s in batches of 8, 30 s in one.
+    t0 = time.perf_counter()
     todo = [(cand, i) for i in range(len(chats))] + [(act, i) for i in act_missing]
     got = engine.generate_batch([chats[i] for _, i in todo], adapters=[ref for ref, _ in todo], with_finish=True)
     cand_out = got[:len(chats)]
@@ -245,9 +247,11 @@ def _evaluate(config: HeedConfig, *, candidate_dir: str, active_dir: str | None,
         kept = {**act_known, **{keys[i]: list(a) for i, a in act_new.items()}}
         act_file.parent.mkdir(parents=True, exist_ok=True)
         _write_answers(act_file, settings, dict(list(kept.items())[-_BASE_CACHE_LIMIT:]))
+    timings = {"generate_s": time.perf_counter() - t0}
     deg_c, cut_c, why_c = _judge(cand_out, contexts)
     deg_a, cut_a, _ = _judge(act_out, contexts)
 
+    t1 = time.perf_counter()
     with torch.inference_mode():
         # Drift: KL(candidate || base) per token on the candidate's own probe answers.
         kls = []
@@ -261,6 +265,8 @@ def _evaluate(config: HeedConfig, *, candidate_dir: str, active_dir: str | None,
             lp_b, _ = _token_logprobs(engine.base, engine.device, ids, start)
             kls.append(float((lp_c.exp() * (lp_c - lp_b)).sum(-1).mean()))
         kl = sum(kls) / len(kls) if kls else 0.0
+        timings["kl_s"] = time.perf_counter() - t1
+        t2 = time.perf_counter()
 
         def logp(ref, messages, answer):
             ids, start = sequence_ids(tokenizer, messages, answer)
@@ -289,6 +295,7 @@ def _evaluate(config: HeedConfig, *, candidate_dir: str, active_dir: str | None,
                 lr_b, _ = logp(None, msgs, p["rejected"])
                 correct += (lc_c - lb_c) > (lr_c - lr_b)
         engine.activate(None)
+        timings["likelihood_s"] = time.perf_counter() - t2
     gain = sum(gains) / len(gains) if gains else None
     margin = sum(margins) / len(margins) if margins else None
 
@@ -328,6 +335,7 @@ def _evaluate(config: HeedConfig, *, candidate_dir: str, active_dir: str | None,
         "heldout_margin_gain": margin,
         "heldout_margin_n": len(margins),
         "implicit_reward_accuracy": correct / len(margins) if margins else None,
+        "timings": timings,
         "samples": [{"prompt": c[-1]["content"], "candidate": t, "active": a}
                     for c, (t, _), (a, _) in list(zip(contexts, cand_out, act_out))[-3:]],
     }

@@ -25,6 +25,8 @@ from typing import Callable
 
 from heed.config import HeedConfig
 
+from .packing import shared_prefixes
+
 log = logging.getLogger(__name__)
 
 Progress = Callable[[str, float], None]
@@ -376,6 +378,7 @@ def _train(config: HeedConfig, *, init_adapter: str | None, dpo_pairs: list[dict
     scratch = out_dir / "trainer"
     t0 = time.perf_counter()
     done = 0
+    tokens: dict = {}
     # KTO first, then the pairs only preferred (DPO alone), DPO with its SFT term on the endorsed answers last:
     # the last pass anchors the answers' content.
     for phase, data in phases:
@@ -395,9 +398,12 @@ def _train(config: HeedConfig, *, init_adapter: str | None, dpo_pairs: list[dict
             args = KTOConfig(**common, **weights)
             trainer = KTOTrainer(model=model, args=args, train_dataset=Dataset.from_list(data), processing_class=tokenizer, callbacks=[cb])
         _fix_reference(trainer.model, lc.reference, initial)
-        if phase != "kto" and lc.precompute_reference:
-            precompute_reference(trainer)
-        result = _quiet(trainer).train()
+        with shared_prefixes(trainer.model, enabled=lc.shared_prefixes) as packed:
+            if phase != "kto" and lc.precompute_reference:
+                precompute_reference(trainer)
+            result = _quiet(trainer).train()
+        for k, v in (packed.as_dict() if packed.calls else {}).items():
+            tokens[k] = tokens.get(k, 0) + v
         if cb.lost:
             raise LeaseLost("another run took this user's lease while training; nothing promoted")
         model = trainer.accelerator.unwrap_model(trainer.model)
@@ -410,6 +416,7 @@ def _train(config: HeedConfig, *, init_adapter: str | None, dpo_pairs: list[dict
         if not math.isfinite(result.training_loss):
             raise FloatingPointError(f"{phase} training diverged (loss {result.training_loss})")
     metrics["train_seconds"] = time.perf_counter() - t0
+    metrics.update(tokens)
     shutil.rmtree(scratch, ignore_errors=True)
     if before_save:
         before_save()

@@ -44,7 +44,7 @@ def audit(config_path: str, data_dir: Path, *, moved_from: str | None = None, ev
     from heed.engine import AdapterRef, Engine, load_base, set_threads
     from heed.models import resolve_model
     from heed.store import Store
-    from learner.gate import _token_logprobs, sequence_ids
+    from learner.gate import heldout_likelihood
 
     bench = QUICK if quick else FULL
     # The run's model: in its own folder's models/ when it was run with --data-dir, else the config's.
@@ -60,12 +60,6 @@ def audit(config_path: str, data_dir: Path, *, moved_from: str | None = None, ev
     system = {"role": "system", "content": config.generation.system_prompt}
     _, prompts = split(heldout_every=bench.heldout_every)
     prompts = prompts[:bench.max_heldout] if bench.max_heldout else prompts
-
-    def logp(ref, msgs, answer) -> tuple[float, int]:
-        ids, start = sequence_ids(tok, msgs, answer)
-        engine.activate(ref)
-        lp, tgt = _token_logprobs(engine.base, engine.device, ids, start)
-        return float(lp.gather(-1, tgt[:, None]).sum()), len(tgt)
 
     def acceptance(ref, persona: str) -> tuple[float, float]:
         chats = [[system, {"role": "user", "content": q}] for q in prompts]
@@ -89,16 +83,9 @@ def audit(config_path: str, data_dir: Path, *, moved_from: str | None = None, ev
             if not os.path.isdir(path):
                 continue
             cand = AdapterRef(f"audit-{uid}-{a['version']}", path)
-            gains, margins = [], []
             with torch.inference_mode():
-                for p in held:
-                    msgs = [system, *p["prompt"]]
-                    cc, n = logp(cand, msgs, p["chosen"])
-                    ca, _ = logp(active, msgs, p["chosen"])
-                    rc, k = logp(cand, msgs, p["rejected"])
-                    ra, _ = logp(active, msgs, p["rejected"])
-                    gains.append((cc - ca) / n)
-                    margins.append((cc / n - rc / k) - (ca / n - ra / k))
+                scored = heldout_likelihood(engine, tok, system, held, candidate=cand, active=active)
+            gains, margins = scored["gains"], scored["margins"]
             gate = (a.get("metrics") or {}).get("gate") or {}
             row = {"user": name, "version": a["version"], "status": a["status"], "judged_against": active.path if active else "base",
                    "gate_reasons": gate.get("reasons"), "gate_logp_gain": gate.get("heldout_logp_gain"), "n_heldout_pairs": len(held),

@@ -133,12 +133,65 @@ def sequence_ids(tokenizer, messages: list[dict], answer: str) -> tuple[list[int
     return full, len(prompt)
 
 
-def _token_logprobs(model, device, ids: list[int], start: int):
-    import torch
+def total_log_probs(engine, ref, sequences: list[tuple[list[int], int]]) -> list[tuple[float, int]]:
+    """(log-likelihood, token count) of each (ids, answer start) under adapter ``ref`` (None: the base model)."""
+    from .packing import answer_log_probs
 
-    x = torch.tensor([ids], device=device)
-    logits = model(input_ids=x).logits[0, start - 1:-1].float()
-    return torch.log_softmax(logits, dim=-1), x[0, start:]
+    engine.activate(ref)
+    return [(float(lp.sum()), len(lp)) for lp in answer_log_probs(engine.base, sequences)]
+
+
+def heldout_likelihood(engine, tokenizer, system: dict, heldout: list[dict], *, candidate, active) -> dict:
+    """The held-out examples' chosen answers under the candidate against the active adapter (None: the base).
+
+    ``gains``: log-likelihood per token, candidate minus active, one per example
+    with a good answer; ``margins``: the chosen-vs-rejected margin per token,
+    candidate minus active, one per pair; ``correct``: pairs whose implicit reward
+    (the candidate against the base) ranks the chosen answer first.
+    """
+    examples = []
+    for p in heldout:
+        chosen = p.get("chosen") or (p.get("completion") if p.get("label", 1) else None)
+        if chosen:
+            msgs = [system, *p["prompt"]]
+            examples.append((sequence_ids(tokenizer, msgs, chosen), sequence_ids(tokenizer, msgs, p["rejected"]) if p.get("rejected") else None))
+    seqs = [s for pair in examples for s in pair if s is not None]
+    score = {"candidate": dict(zip(map(_seq_key, seqs), total_log_probs(engine, candidate, seqs)))}
+    score["active"] = dict(zip(map(_seq_key, seqs), total_log_probs(engine, active, seqs)))
+    paired = [s for _, s in examples if s is not None] + [c for c, r in examples if r is not None]
+    # With the base model active, its scores are the active ones: one forward pass less per answer.
+    score["base"] = score["active"] if active is None else dict(zip(map(_seq_key, paired), total_log_probs(engine, None, paired)))
+    engine.activate(None)
+    gains, margins, correct = [], [], 0
+    for chosen, rejected in examples:
+        (lc_c, n), (lc_a, _) = score["candidate"][_seq_key(chosen)], score["active"][_seq_key(chosen)]
+        n = max(n, 1)
+        gains.append((lc_c - lc_a) / n)
+        if rejected is None:
+            continue
+        (lr_c, k), (lr_a, _) = score["candidate"][_seq_key(rejected)], score["active"][_seq_key(rejected)]
+        k = max(k, 1)
+        margins.append((lc_c / n - lr_c / k) - (lc_a / n - lr_a / k))
+        (lb_c, _), (lb_r, _) = score["base"][_seq_key(chosen)], score["base"][_seq_key(rejected)]
+        correct += (lc_c - lb_c) > (lr_c - lb_r)
+    return {"gains": gains, "margins": margins, "correct": correct}
+
+
+def _seq_key(seq: tuple[list[int], int]) -> tuple:
+    return (tuple(seq[0]), seq[1])
+
+
+def _chunks(sequences: list, *, max_tokens: int) -> list[list]:
+    """Consecutive runs of ``sequences`` of at most ``max_tokens`` tokens (a longer one alone)."""
+    out: list[list] = []
+    size = 0
+    for seq in sequences:
+        if not out or size + len(seq[0]) > max_tokens:
+            out.append([])
+            size = 0
+        out[-1].append(seq)
+        size += len(seq[0])
+    return out
 
 
 def _unique_prompts(heldout: list[dict], limit: int) -> list[list[dict]]:
@@ -206,6 +259,7 @@ def _evaluate(config: HeedConfig, *, candidate_dir: str, active_dir: str | None,
 
     from heed.engine import AdapterRef, Engine, load_base
 
+    from .packing import answer_log_probs
     from .train import quiet_progress_bars
 
     lc = config.learner
@@ -254,47 +308,21 @@ def _evaluate(config: HeedConfig, *, candidate_dir: str, active_dir: str | None,
     t1 = time.perf_counter()
     with torch.inference_mode():
         # Drift: KL(candidate || base) per token on the candidate's own probe answers.
+        probes = [sequence_ids(tokenizer, chat, text) for chat, (text, _) in list(zip(chats, cand_out))[n_own:] if text.strip()]
         kls = []
-        for chat, (text, _) in list(zip(chats, cand_out))[n_own:]:
-            if not text.strip():
-                continue
-            ids, start = sequence_ids(tokenizer, chat, text)
+        for chunk in _chunks(probes, max_tokens=1024):
             engine.activate(cand)
-            lp_c, _ = _token_logprobs(engine.base, engine.device, ids, start)
+            lp_c = answer_log_probs(engine.base, chunk, full=True)
             engine.activate(None)
-            lp_b, _ = _token_logprobs(engine.base, engine.device, ids, start)
-            kls.append(float((lp_c.exp() * (lp_c - lp_b)).sum(-1).mean()))
+            lp_b = answer_log_probs(engine.base, chunk, full=True)
+            kls += [float((c.exp() * (c - b)).sum(-1).mean()) for c, b in zip(lp_c, lp_b) if len(c)]
         kl = sum(kls) / len(kls) if kls else 0.0
         timings["kl_s"] = time.perf_counter() - t1
         t2 = time.perf_counter()
-
-        def logp(ref, messages, answer):
-            ids, start = sequence_ids(tokenizer, messages, answer)
-            engine.activate(ref)
-            lp, tgt = _token_logprobs(engine.base, engine.device, ids, start)
-            return float(lp.gather(-1, tgt[:, None]).sum()), len(tgt)
-
         # Held-out chosen answers: log-likelihood per token, candidate vs active; the chosen-vs-rejected margin
         # per token, candidate vs active; implicit reward vs the base.
-        gains, margins, correct = [], [], 0
-        for p in heldout:
-            chosen = p.get("chosen") or (p.get("completion") if p.get("label", 1) else None)
-            if not chosen:
-                continue
-            msgs = [system, *p["prompt"]]
-            lc_c, n = logp(cand, msgs, chosen)
-            lc_a, _ = logp(act, msgs, chosen)
-            n = max(n, 1)
-            gains.append((lc_c - lc_a) / n)
-            if p.get("rejected"):
-                lr_c, k = logp(cand, msgs, p["rejected"])
-                lr_a, _ = logp(act, msgs, p["rejected"])
-                k = max(k, 1)
-                margins.append((lc_c / n - lr_c / k) - (lc_a / n - lr_a / k))
-                lb_c, _ = logp(None, msgs, chosen)
-                lr_b, _ = logp(None, msgs, p["rejected"])
-                correct += (lc_c - lb_c) > (lr_c - lr_b)
-        engine.activate(None)
+        held = heldout_likelihood(engine, tokenizer, system, heldout, candidate=cand, active=act)
+        gains, margins, correct = held["gains"], held["margins"], held["correct"]
         timings["likelihood_s"] = time.perf_counter() - t2
     gain = sum(gains) / len(gains) if gains else None
     margin = sum(margins) / len(margins) if margins else None

@@ -172,8 +172,11 @@ _UNPACKABLE = ("position_ids", "cache", "past_key_values", "inputs_embeds")
 
 
 def _packable(backbone) -> bool:
-    impl = getattr(backbone.config, "_attn_implementation", None)
-    return impl in ("sdpa", "eager")
+    config = backbone.config
+    if getattr(config, "_attn_implementation", None) not in ("sdpa", "eager"):
+        return False  # flash kernels take no mask; heed.invariant's row attention reads only the padding
+    # Sliding layers are checked per batch (the window never bites within it); other kinds are not plain causal.
+    return all(t in ("full_attention", "sliding_attention") for t in getattr(config, "layer_types", None) or [])
 
 
 def _packed_forward(backbone, original, stats: _Stats):
@@ -246,3 +249,49 @@ def shared_prefixes(model, *, enabled: bool = True):
             del backbone.forward
         else:
             backbone.forward = own
+
+
+def pad_right(rows: list[list[int]], *, pad: int = 0, device=None):
+    """(input_ids, attention_mask) of ``rows`` padded on the right, as the trainers' collators pad."""
+    import torch
+
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, :len(r)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def answer_log_probs(model, sequences: list[tuple[list[int], int]], *, full: bool = False, max_tokens: int = 1024):
+    """For each (ids, start): the log-probabilities of ``ids[start:]``, each given the tokens before it (a 1-D
+    tensor), or with ``full`` the whole log-softmax row at each of those positions (answer length x vocabulary).
+
+    Sequences are scored together, at most ``max_tokens`` tokens per forward pass (so the logits of a pass stay
+    a few hundred MB), with the prefixes they share computed once. Call under ``torch.inference_mode()``.
+    """
+    import torch
+
+    device = next(model.parameters()).device
+    order = sorted(range(len(sequences)), key=lambda i: sequences[i][0])  # shared prompts side by side
+    out: list = [None] * len(sequences)
+    batch: list[int] = []
+
+    def flush() -> None:
+        ids, mask = pad_right([sequences[i][0] for i in batch], device=device)
+        with shared_prefixes(model):
+            logits = model(input_ids=ids, attention_mask=mask).logits
+        for row, i in enumerate(batch):
+            seq, start = sequences[i]
+            lp = torch.log_softmax(logits[row, start - 1:len(seq) - 1].float(), dim=-1)
+            out[i] = lp if full else lp.gather(-1, ids[row, start:len(seq), None])[:, 0]
+        batch.clear()
+
+    for i in order:
+        if batch and (len(batch) + 1) * max(len(sequences[j][0]) for j in (*batch, i)) > max_tokens:
+            flush()
+        batch.append(i)
+    if batch:
+        flush()
+    return out

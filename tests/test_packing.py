@@ -138,3 +138,25 @@ def test_training_with_shared_prefixes_takes_the_same_steps_on_fewer_tokens(tmp_
     assert runs[True]["dpo_losses"] == pytest.approx(runs[False]["dpo_losses"], abs=1e-4)
     assert runs[True]["kto_losses"] == pytest.approx(runs[False]["kto_losses"], abs=1e-4)
     assert runs[True]["packed_tokens"] < runs[True]["padded_tokens"] and "packed_tokens" not in runs[False]
+
+
+def test_answers_scored_together_get_the_log_probs_each_gets_alone(tiny_model_path):
+    import torch
+
+    from learner.packing import answer_log_probs
+
+    model = _lora_model(tiny_model_path, "sdpa")
+    prompt = [3, 4, 5, 6, 7]
+    sequences = [(prompt + [9, 10, 11], 5), (prompt + [9, 12], 5), ([8, 8] + [13, 14, 15, 16], 2), (prompt + [9, 10, 11, 17], 6)]
+    with torch.inference_mode():
+        alone = []
+        for ids, start in sequences:
+            logits = model(input_ids=torch.tensor([ids])).logits[0, start - 1:len(ids) - 1]
+            alone.append(torch.log_softmax(logits, -1))
+        # max_tokens=12: several forward passes, each with the shared prefixes of the sequences in it.
+        for max_tokens in (12, 1024):
+            picked = answer_log_probs(model, sequences, max_tokens=max_tokens)
+            full = answer_log_probs(model, sequences, full=True, max_tokens=max_tokens)
+            for (ids, start), want, got, got_full in zip(sequences, alone, picked, full):
+                assert torch.allclose(got_full, want, atol=1e-5)
+                assert torch.allclose(got, want.gather(-1, torch.tensor(ids[start:])[:, None])[:, 0], atol=1e-5)

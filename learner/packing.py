@@ -10,13 +10,14 @@ down keeps its first sentences. trl pads each row to the longest one and
 computes them all separately.
 
 ``shared_prefixes(model)`` patches the model's backbone for the duration of a
-``with`` block: a right-padded batch becomes one row holding each distinct
-prefix once (a token trie), every token at its own position, attending to
-exactly its own ancestors, and the hidden states are gathered back into the
-padded layout the trainer expects. The logits are the same function of the
-same tokens, so training is unchanged but for float rounding; the gradient of a
-shared state is the sum of what every row sharing it contributes, as it is
-when the rows are computed apart.
+``with`` block: a right-padded batch becomes a few rows (segments, see
+``plan_segments``), each holding each distinct prefix of its rows once (a token
+trie), every token at its own position, attending to exactly its own ancestors;
+the hidden states are gathered back into the padded layout the trainer expects.
+The logits are the same function of the same tokens, so training is unchanged
+but for float rounding; the gradient of a shared state is the sum of what every
+row sharing it contributes, as it is when the rows are computed apart. (With
+LoRA dropout, rows sharing a state share its dropout mask too.)
 
 Only batches it can compute exactly are packed: 2-D right-padded input without
 a cache, on an attention implementation that takes an explicit mask (sdpa,
@@ -169,6 +170,8 @@ SEGMENT_TOKENS = 768
 
 # Inputs that already fix positions or reuse a cache: the batch is computed as given.
 _UNPACKABLE = ("position_ids", "cache", "past_key_values", "inputs_embeds")
+# Outputs besides the last hidden state would come back in the packed layout: such calls are computed as given.
+_PER_ROW_OUTPUTS = ("use_cache", "output_hidden_states", "output_attentions", "output_router_logits")
 
 
 def _packable(backbone) -> bool:
@@ -189,7 +192,7 @@ def _packed_forward(backbone, original, stats: _Stats):
     def forward(*args, **kwargs):
         input_ids, attention_mask = kwargs.get("input_ids"), kwargs.get("attention_mask")
         plain = (args or input_ids is None or attention_mask is None or input_ids.dim() != 2 or attention_mask.dim() != 2
-                 or kwargs.get("use_cache") or any(kwargs.get(k) is not None for k in _UNPACKABLE))
+                 or any(kwargs.get(k) for k in _PER_ROW_OUTPUTS) or any(kwargs.get(k) is not None for k in _UNPACKABLE))
         lengths = None if plain else _row_lengths(attention_mask)
         if lengths is None or (window and max(lengths) > window):
             return original(*args, **kwargs)

@@ -109,7 +109,6 @@ class LearnerConfig:
     beta: float = _f(0.1, "DPO/KTO temperature: how far the policy may move from the reference.")
     dpo_loss: str = _f("sigmoid", "trl DPO loss on pairs: 'sigmoid' (DPO), 'apo_zero' (anchored: chosen up, rejected down), 'sigmoid_norm' (length-normalized), 'ipo', or 'none' (the SFT term alone).")
     sft_weight: float = _f(1.0, "Weight of the SFT term on chosen answers (keeps DPO from reward-hacking); 0 disables.")
-    sft_until: float = _f(0.0, "The SFT term stops pushing a chosen token once the adapter gives it this probability, so the user's answers are learned, not memorised (learner/capped_sft.py); 0: it pushes every token towards 1 (trl's own term).")
     imitate: str = _f("endorsed", "Whose chosen answers the SFT term imitates: 'endorsed' (the user's edits, answers voted up, corrected answers they confirmed; a pick of the better of two only trains DPO, in its own pass first) or 'all' (every pair's chosen answer).")
     extension_pairs: str = _f("dpo", "A pair whose chosen answer is the rejected one plus an addition (a question, a sign-off): 'dpo' trains it as any pair; 'sft' by the SFT term alone (there DPO can only learn 'do not stop here'). Ignored with paired_loss 'kto'.")
     edit_weight: float = _f(1.0, "How many times an edit's pair and answer count against a vote's or a pick's: the user wrote that answer (rounded to copies).")
@@ -160,7 +159,6 @@ class LearnerConfig:
         _check(0.0 < self.beta <= 10.0, "learner.beta", "must be in (0, 10]")
         _check(self.dpo_loss in DPO_LOSSES, "learner.dpo_loss", f"must be one of {', '.join(DPO_LOSSES)}, got {self.dpo_loss!r}")
         _check(0.0 <= self.sft_weight <= 100.0, "learner.sft_weight", "must be in [0, 100]")
-        _check(0.0 <= self.sft_until < 1.0, "learner.sft_until", "must be in [0, 1)")
         _check(self.imitate in ("endorsed", "all"), "learner.imitate", f"must be 'endorsed' or 'all', got {self.imitate!r}")
         _check(self.extension_pairs in ("dpo", "sft"), "learner.extension_pairs", f"must be 'dpo' or 'sft', got {self.extension_pairs!r}")
         # 'sft' zeroes DPO's margin by scoring the chosen answer twice: two dropout masks would make them differ.

@@ -25,7 +25,6 @@ from typing import Callable
 
 from heed.config import HeedConfig
 
-from .capped_sft import dpo_trainer
 from .packing import shared_prefixes
 
 log = logging.getLogger(__name__)
@@ -389,12 +388,9 @@ def _train(config: HeedConfig, *, init_adapter: str | None, dpo_pairs: list[dict
         common = _args(config, str(scratch), len(data), phase)
         if phase in ("dpo", "prefer"):
             sft = phase == "dpo" and lc.sft_weight > 0
-            capped = sft and lc.sft_until > 0
-            # A capped SFT term replaces trl's (kept at weight 0, so a 'none' DPO loss still leaves trl a loss to compute).
-            losses = ([] if lc.dpo_loss == "none" else [(lc.dpo_loss, 1.0)]) + ([("sft", 0.0 if capped else lc.sft_weight)] if sft else [])
+            losses = ([] if lc.dpo_loss == "none" else [(lc.dpo_loss, 1.0)]) + ([("sft", lc.sft_weight)] if sft else [])
             args = DPOConfig(**common, loss_type=[n for n, _ in losses], loss_weights=[w for _, w in losses])
-            cls = dpo_trainer(until=lc.sft_until, weight=lc.sft_weight) if capped else DPOTrainer
-            trainer = cls(model=model, args=args, train_dataset=Dataset.from_list(data), processing_class=tokenizer, callbacks=[cb])
+            trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(data), processing_class=tokenizer, callbacks=[cb])
         else:
             nd = sum(r["label"] for r in data)
             nu = len(data) - nd
@@ -416,7 +412,7 @@ def _train(config: HeedConfig, *, init_adapter: str | None, dpo_pairs: list[dict
         done += result.global_step
         metrics.update({f"{phase}_loss": result.training_loss, f"{phase}_steps": result.global_step,
                         f"{phase}_losses": cb.losses[-50:]})
-        metrics.update({f"{phase}_{k.replace('/', '_')}": v for k, v in cb.last.items() if k.startswith(("rewards", "logps", "kl", "sft"))})
+        metrics.update({f"{phase}_{k.replace('/', '_')}": v for k, v in cb.last.items() if k.startswith(("rewards", "logps", "kl"))})
         if not math.isfinite(result.training_loss):
             raise FloatingPointError(f"{phase} training diverged (loss {result.training_loss})")
     metrics["train_seconds"] = time.perf_counter() - t0

@@ -98,6 +98,7 @@ DPO_LOSSES = ("sigmoid", "apo_zero", "sigmoid_norm", "ipo", "none")
 @dataclass
 class LearnerConfig:
     min_new_feedback: int = _f(1, "A user is trained only with at least this many unconsumed feedback events.")
+    praise_alone_trains: bool = _f(False, "Train a run whose new feedback only approves answers (thumbs up, good ratings)? Off: it waits, kept, for a run with something to fix: the adapter already gives those answers, and a run on them alone drifted (README).")
     lora_r: int = _f(8, "LoRA rank.")
     lora_alpha: int = _f(16, "LoRA scaling numerator (scale = alpha / r).")
     lora_dropout: float = _f(0.0, "Dropout on the LoRA path while training.")

@@ -100,6 +100,11 @@ def _next_version(config: HeedConfig, store: Store, user_id: int) -> int:
     return max([store.next_adapter_version(user_id=user_id) - 1, *on_disk, 0]) + 1
 
 
+def only_praise(examples: list[dict]) -> bool:
+    """Do these (new, trainable) examples only approve answers: desirable KTO examples, no pair, nothing bad?"""
+    return bool(examples) and all(e["kind"] == "kto" and e.get("label") for e in examples)
+
+
 def replay_sample(store: Store, *, user_id: int, exclude: set[int], size: int, seed: int) -> list[dict]:
     """A bounded random sample of older training examples from promoted runs (no forgetting, bounded cost)."""
     old = store.replay_pool(user_id=user_id, exclude_feedback=exclude)
@@ -166,6 +171,8 @@ def learn_user(config: HeedConfig, store: Store, *, user_id: int, trigger: str =
         from .train import untrainable
 
         why_not = untrainable(config, dpo, kto)
+        if not why_not and only_praise(new_train) and not carried and not lc.praise_alone_trains:
+            why_not = "the new feedback only approves answers the adapter already gives"
         reason = None
         if why_not:
             reason = "nothing to train on yet: the new examples are held out" if not new_train else \

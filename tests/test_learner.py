@@ -256,7 +256,7 @@ def test_unpaired_thumbs_train_with_kto(tmp_path, tiny_model_path):
 def test_a_kto_pass_of_only_good_answers_trains_without_trls_balance_warning(tmp_path, tiny_model_path, caplog):
     import logging
 
-    config = learner_config(tmp_path, tiny_model_path, heldout_fraction=0.0, gate_enabled=False)
+    config = learner_config(tmp_path, tiny_model_path, heldout_fraction=0.0, gate_enabled=False, praise_alone_trains=True)
     config.generation.do_sample = True
     h = service(config)
     uid = h.add_user("alice", "pw")
@@ -268,6 +268,22 @@ def test_a_kto_pass_of_only_good_answers_trains_without_trls_balance_warning(tmp
     m = h.store.list_runs(user_id=uid)[0]["metrics"]
     assert m["kto_rows"] == 3 and m["kto_steps"] > 0
     assert not [r for r in caplog.records if "ideal range" in r.getMessage()]
+
+
+def test_praise_alone_waits_for_a_run_with_something_to_fix(tmp_path, tiny_model_path, shared_tiny_engine):
+    h = service(learner_config(tmp_path, tiny_model_path, heldout_fraction=0.0), shared_tiny_engine)
+    uid = h.add_user("alice", "pw")
+    for i in range(3):
+        _, mid = ask(h, uid, f"question {i}")
+        h.thumb(uid, mid, True)
+    result = learn(h, uid)
+    assert result["status"] == "skipped" and "only approves answers" in result["reason"]
+    assert h.store.count_unconsumed(user_id=uid) == 3 and h.store.active_adapter(user_id=uid) is None
+    edit_answers(h, uid, ["Brief answers are good."])
+    result = learn(h, uid)
+    assert result["status"] in ("promoted", "rejected") and result["n_feedback"] == 4
+    m = h.store.list_runs(user_id=uid)[0]["metrics"]
+    assert m["kto_rows"] == 3 and m["dpo_rows"] >= 1, "the praise trains beside the edit"
 
 
 def test_kto_trains_before_dpo_so_the_sft_anchored_pass_comes_last(tmp_path, tiny_model_path):

@@ -22,7 +22,7 @@ from heed.config import HeedConfig
 from heed.store import Store
 
 from .pairs import build_examples
-from .train import as_kto
+from .rows import as_kto
 
 FORMATS = ("dpo", "kto", "sft")
 

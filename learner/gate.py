@@ -122,7 +122,7 @@ def _write_answers(path: Path, key: str, answers: dict) -> None:
 
 def sequence_ids(tokenizer, messages: list[dict], answer: str) -> tuple[list[int], int]:
     """Token ids of the chat plus ``answer`` as the assistant's turn, and where the answer starts."""
-    from .train import _ids
+    from .rows import _ids
 
     prompt = _ids(tokenizer, messages)
     full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": answer}], tokenize=True, return_dict=False)

@@ -168,7 +168,7 @@ def learn_user(config: HeedConfig, store: Store, *, user_id: int, trigger: str =
         timings["pairs_s"] = time.perf_counter() - t0
         summary.update(n_feedback=len(feedback), n_examples=len(examples), n_train_new=len(new_train), n_carried=len(carried),
                        n_replay=len(replay), n_heldout=len(heldout), examples=counts(examples))
-        from .train import untrainable
+        from .rows import untrainable
 
         why_not = untrainable(config, dpo, kto)
         if not why_not and only_praise(new_train) and not carried and not lc.praise_alone_trains:

@@ -491,7 +491,8 @@ def test_a_pair_that_only_adds_to_its_rejected_answer_can_train_by_the_sft_term_
 
     from transformers import AutoTokenizer
 
-    from learner.train import _Rows, extends, train_adapter
+    from learner.rows import _Rows, extends
+    from learner.train import train_adapter
 
     pairs = [{"prompt": [{"role": "user", "content": f"question {i}"}], "chosen": f"An answer {i}.\n\nWant more?",
               "rejected": f"An answer {i}.", "weight": 1.0} for i in range(4)]

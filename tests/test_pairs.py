@@ -245,7 +245,7 @@ def test_edit_weight_counts_the_users_own_words_above_a_pick_or_a_vote(h):
 def test_an_edits_weight_becomes_that_many_training_rows(tiny_model_path):
     from transformers import AutoTokenizer
 
-    from learner.train import _Rows
+    from learner.rows import _Rows
 
     rows = _Rows(AutoTokenizer.from_pretrained(tiny_model_path), "Be brief.", 128)
     pair = {"prompt": [{"role": "user", "content": "Hi"}], "chosen": "Hello.", "rejected": "Hello hello hello."}
@@ -287,7 +287,7 @@ def test_edits_and_opposite_votes_are_imitated(h):
 
 
 def test_what_the_sft_term_imitates_follows_the_config(tmp_path, tiny_model_path):
-    from learner.train import split_imitated
+    from learner.rows import split_imitated
 
     config = learner_config(tmp_path, tiny_model_path)
     edit, pick = {"chosen": "a", "imitate": True}, {"chosen": "b", "imitate": False}

@@ -41,6 +41,13 @@ def edit_answers(heed, uid: int, edits: list[str], questions: list[str] = QUESTI
     return ids
 
 
+def thumb_answers(heed, uid: int, votes: list[bool]) -> None:
+    """One conversation per vote ("question 0", "question 1", ...); its answer voted up (True) or down."""
+    for i, up in enumerate(votes):
+        _, mid = ask(heed, uid, f"question {i}")
+        heed.thumb(uid, mid, up)
+
+
 def files_digest(folder: Path) -> str:
     h = hashlib.sha256()
     for p in sorted(Path(folder).rglob("*")):

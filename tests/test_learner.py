@@ -6,7 +6,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from learner_util import ask, edit_answers, files_digest, learner_config, service
+from learner_util import ask, edit_answers, files_digest, learner_config, service, thumb_answers
 
 from learner.run import learn_user, sweep_leftovers
 
@@ -244,9 +244,7 @@ def test_unpaired_thumbs_train_with_kto(tmp_path, tiny_model_path):
     config.generation.do_sample = True  # distinct answers to vote on
     h = service(config)
     uid = h.add_user("alice", "pw")
-    for i, up in enumerate([True, False, True, False, True]):
-        _, mid = ask(h, uid, f"question {i}")
-        h.thumb(uid, mid, up)
+    thumb_answers(h, uid, [True, False, True, False, True])
     result = learn(h, uid)
     assert result["status"] in ("promoted", "rejected"), result
     m = h.store.list_runs(user_id=uid)[0]["metrics"]
@@ -260,9 +258,7 @@ def test_a_kto_pass_of_only_good_answers_trains_without_trls_balance_warning(tmp
     config.generation.do_sample = True
     h = service(config)
     uid = h.add_user("alice", "pw")
-    for i in range(3):
-        _, mid = ask(h, uid, f"question {i}")
-        h.thumb(uid, mid, True)
+    thumb_answers(h, uid, [True] * 3)
     with caplog.at_level(logging.WARNING):
         assert learn(h, uid)["status"] == "promoted"
     m = h.store.list_runs(user_id=uid)[0]["metrics"]
@@ -273,9 +269,7 @@ def test_a_kto_pass_of_only_good_answers_trains_without_trls_balance_warning(tmp
 def test_praise_alone_waits_for_a_run_with_something_to_fix(tmp_path, tiny_model_path, shared_tiny_engine):
     h = service(learner_config(tmp_path, tiny_model_path, heldout_fraction=0.0), shared_tiny_engine)
     uid = h.add_user("alice", "pw")
-    for i in range(3):
-        _, mid = ask(h, uid, f"question {i}")
-        h.thumb(uid, mid, True)
+    thumb_answers(h, uid, [True] * 3)
     result = learn(h, uid)
     assert result["status"] == "skipped" and "only approves answers" in result["reason"]
     assert h.store.count_unconsumed(user_id=uid) == 3 and h.store.active_adapter(user_id=uid) is None
@@ -318,9 +312,7 @@ def test_a_pick_trains_by_dpo_alone_before_the_sft_anchored_pass(tmp_path, tiny_
 
 def test_thumbs_down_alone_do_not_train(h):
     uid = h.add_user("alice", "pw")
-    for i in range(3):
-        _, mid = ask(h, uid, f"question {i}")
-        h.thumb(uid, mid, False)
+    thumb_answers(h, uid, [False] * 3)
     result = learn(h, uid)
     assert result["status"] == "skipped" and "only thumbs-down" in result["reason"]
     assert h.store.count_unconsumed(user_id=uid) == 3

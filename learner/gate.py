@@ -310,6 +310,7 @@ def _evaluate(config: HeedConfig, *, candidate_dir: str, active_dir: str | None,
         # Drift: KL(candidate || base) per token on the candidate's own probe answers.
         probes = [sequence_ids(tokenizer, chat, text) for chat, (text, _) in list(zip(chats, cand_out))[n_own:] if text.strip()]
         kls = []
+        # In chunks: full log-softmax rows (answer tokens x vocabulary) under both models are kept until compared.
         for chunk in _chunks(probes, max_tokens=1024):
             engine.activate(cand)
             lp_c = answer_log_probs(engine.base, chunk, full=True)

@@ -1,7 +1,7 @@
 """The engine: one frozen base model, users' LoRA adapters on top, streamed and batched generation.
 
 Adapters are loaded once into a peft multi-adapter model and kept in an LRU
-cache. Requests go through one queue: a worker takes whatever is waiting (up
+cache (``heed.adapter_slots``). Requests go through one queue: a worker takes whatever is waiting (up
 to ``model.max_batch``) and answers it in one ``generate`` call, so concurrent
 users share forward passes. The base ``W0`` parameters are never written: a
 user without an adapter gets bit-identical base weights.
@@ -28,36 +28,17 @@ import logging
 import queue
 import threading
 import time
-from collections import OrderedDict, deque
-from dataclasses import dataclass, replace
-from pathlib import Path
+from collections import deque
+from dataclasses import replace
 from typing import Iterator
 
+from .adapter_slots import AdapterLoadError, AdapterRef, AdapterSlots, serving_mode
 from .config import GenerationConfig, HeedConfig, ModelConfig
 from .hardware import contiguous_head_input, pick_device_dtype
 from .invariant import use_row_attention
-from .lora_batch import BatchStreamer, MergedAdapter, OneAdapter, Row, RowStop, mixed_lora, sparing_penalty, vanilla
+from .lora_batch import BatchStreamer, Row, RowStop, mixed_lora, sparing_penalty
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class AdapterRef:
-    """A user's adapter version on disk; ``key`` names it inside the engine."""
-
-    key: str
-    path: str
-
-
-class AdapterLoadError(RuntimeError):
-    """An adapter's files are missing or unreadable."""
-
-
-def serving_mode(model_cfg: ModelConfig, device: str) -> str:
-    """'merged' or 'unmerged' for ``model.adapter_serving`` on ``device``."""
-    if model_cfg.adapter_serving != "auto":
-        return model_cfg.adapter_serving
-    return "merged" if str(device).startswith("cuda") else "unmerged"
 
 
 def set_threads(n: int) -> None:
@@ -115,21 +96,16 @@ class Engine:
         self.tokenizer = tokenizer
         self.model_cfg = model_cfg
         self.gen_cfg = gen_cfg
-        self.peft = None  # the PeftModel, made when the first adapter loads
-        self._cache: OrderedDict[str, str] = OrderedDict()  # key -> path, LRU order
         self._lock = threading.RLock()
         # Fast tokenizers are not safe to call from several threads at once ("Already borrowed").
         self._tok_lock = threading.Lock()
-        self._serving_key: str | None = None  # the adapter the model computes with now ('peft:' + key: peft's own forward)
         self.device = next(model.parameters()).device
         self.serving = serving_mode(model_cfg, self.device.type)
+        self.adapters = AdapterSlots(model, model_cfg=model_cfg, serving=self.serving, lock=self._lock)
         # Half precision rounds coarsely enough that batch-mates change greedy answers (heed.invariant). On a CPU
         # only: a GPU's matmul kernels are chosen by shape in other ways a duplicated row does not pin down.
         half = str(next(model.parameters()).dtype) in ("torch.bfloat16", "torch.float16")
         self.invariant = bool(half and self.device.type == "cpu" and model_cfg.batch_invariant and use_row_attention(model))
-        self._one = OneAdapter()
-        self._merged = MergedAdapter()
-        self._plain: dict[str, bool] = {}  # adapter key -> every layer plain LoRA (else peft computes it)
         self._pending: deque[Row] = deque()
         self._cv = threading.Condition()
         self._worker: threading.Thread | None = None
@@ -143,111 +119,25 @@ class Engine:
         model, tokenizer = load_base(config)
         return cls(model, tokenizer, model_cfg=config.model, gen_cfg=config.generation)
 
-    # -- adapters -----------------------------------------------------------
+    # -- adapters (heed.adapter_slots) ------------------------------------------
+    @property
+    def peft(self):
+        return self.adapters.peft
+
     @property
     def cached_adapters(self) -> list[str]:
-        return list(self._cache)
+        return self.adapters.cached
 
     def ensure_adapter(self, ref: AdapterRef) -> None:
-        """Load ``ref`` unless cached; evicts the least recently used beyond the cache size."""
-        with self._lock:
-            if ref.key in self._cache:
-                self._cache.move_to_end(ref.key)
-                return
-            path = Path(ref.path)
-            if not (path / "adapter_config.json").is_file() or not any(path.glob("adapter_model.*")):
-                raise AdapterLoadError(f"adapter {ref.key} has no adapter files in {path}")
-            from safetensors import SafetensorError
-
-            from .validate import adapter_problem
-
-            # Checked before peft touches the model: a first load that fails half-way would leave
-            # LoRA layers injected into the base with no PeftModel to remove them.
-            problem = adapter_problem(path) if (path / "adapter_model.safetensors").is_file() else None
-            if problem:
-                raise AdapterLoadError(f"adapter {ref.key} could not be loaded: {problem}")
-            self._restore_base()
-            try:
-                if self.peft is None:
-                    from peft import PeftModel
-
-                    self.peft = PeftModel.from_pretrained(self.base, str(path), adapter_name=ref.key, is_trainable=False)
-                    self.peft.eval()
-                else:
-                    self.peft.load_adapter(str(path), adapter_name=ref.key, is_trainable=False)
-            except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
-                # A half-loaded adapter would shadow a good copy loaded later under the same key.
-                if self.peft is not None and ref.key in self.peft.peft_config:
-                    try:
-                        self.peft.delete_adapter(ref.key)
-                    except (KeyError, ValueError, RuntimeError) as cleanup:
-                        log.warning("could not drop the half-loaded adapter %s: %s", ref.key, cleanup)
-                raise AdapterLoadError(f"adapter {ref.key} at {path} could not be loaded: {exc}") from exc
-            self.peft.base_model.disable_adapter_layers()
-            layers = self._lora_layers()
-            self._merged.know(layers)
-            mine = [m for m in layers if ref.key in m.lora_A]
-            self._plain[ref.key] = all(vanilla(m, ref.key) for m in mine)
-            if self.serving == "unmerged" and self._plain[ref.key]:
-                self._one.add(ref.key, mine)
-            self._cache[ref.key] = str(path)
-            while len(self._cache) > self.model_cfg.max_cached_adapters:
-                old, _ = self._cache.popitem(last=False)
-                self._one.forget(old)
-                self._plain.pop(old, None)
-                self.peft.delete_adapter(old)
+        """Load ``ref`` unless cached; evicts the least recently used beyond ``model.max_cached_adapters``."""
+        self.adapters.ensure(ref)
 
     def drop_adapter(self, key: str) -> None:
-        with self._lock:
-            if key in self._cache:
-                self._restore_base()
-                del self._cache[key]
-                self._one.forget(key)
-                self._plain.pop(key, None)
-                self.peft.delete_adapter(key)
-
-    def _lora_layers(self):
-        from peft.tuners.lora import LoraLayer
-
-        return [m for m in self.peft.modules() if isinstance(m, LoraLayer)] if self.peft is not None else []
-
-    def _restore_base(self) -> None:
-        if self._serving_key is None:
-            return
-        if self._serving_key.startswith("peft:"):
-            self.peft.base_model.disable_adapter_layers()
-        elif self.serving == "unmerged":
-            self._one.use(None)
-        else:
-            self._merged.restore()
-        self._serving_key = None
-
-    def _serve_one(self, key: str) -> None:
-        """Compute with adapter ``key``: unmerged hooks, or base weights become ``W0 + s·BA`` in reused buffers."""
-        if self._serving_key in (key, f"peft:{key}"):
-            return
-        self._restore_base()
-        if not self._plain[key]:
-            # DoRA, biases or other variants: let peft compute them, unmerged.
-            self.peft.base_model.set_adapter(key)
-            self.peft.base_model.enable_adapter_layers()
-            self._serving_key = f"peft:{key}"
-            return
-        if self.serving == "unmerged":
-            self._one.use(key)
-            self._serving_key = key
-            return
-        self._merged.merge(key, [m for m in self._lora_layers() if key in m.lora_A])
-        self._serving_key = key
+        self.adapters.drop(key)
 
     def activate(self, ref: AdapterRef | None) -> None:
         """Make the model compute with ``ref`` (None: the bare base model)."""
-        with self._lock:
-            if ref is None:
-                self._restore_base()
-                return
-            self.ensure_adapter(ref)
-            self._serve_one(ref.key)
+        self.adapters.activate(ref)
 
     # -- generation ---------------------------------------------------------
     def _gen_kwargs(self, gen: GenerationConfig, max_new_tokens: int, *, padding=None) -> dict:
@@ -326,7 +216,7 @@ class Engine:
                     else:
                         # Invariant serving computes one adapter the way it computes several, so a user's rows
                         # get the same LoRA arithmetic whoever shares the batch.
-                        self._restore_base()
+                        self.adapters.restore_base()
                         ctx, model, extra = mixed_lora(self.peft, adapters)
                     with ctx:
                         model.generate(input_ids=input_ids, attention_mask=mask, streamer=streamer,

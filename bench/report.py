@@ -19,6 +19,22 @@ def _pct(v) -> str:
     return "–" if v is None else f"{100 * v:.0f}%"
 
 
+def wilson(rate: float, n: int, *, z: float = 1.96) -> tuple[float, float]:
+    """The 95% Wilson score interval of a share measured on ``n`` answers (sound at 0% and 100%, unlike rate ± 2 SE)."""
+    if n <= 0:
+        return 0.0, 1.0
+    centre = (rate + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * (rate * (1 - rate) / n + z * z / (4 * n * n)) ** 0.5
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def _interval(rate, n) -> str:
+    if rate is None or not n:
+        return "–"
+    lo, hi = wilson(rate, n)
+    return f"{100 * lo:.0f}–{100 * hi:.0f}%"
+
+
 def _settings(res: dict) -> list[str]:
     """The generation and learner settings the figures depend on, as one paragraph."""
     chat = (res.get("generation") or {}).get("chat") or {}
@@ -67,6 +83,7 @@ def differences_text(differs: dict, *, ours: str) -> str:
 
 def personalize_md(res: dict, *, images: dict[str, str]) -> str:
     b = res.get("bench", {})
+    target, n_held = b.get("target_events"), res.get("n_heldout_prompts")
     lines = [
         "# How well does Heed learn? (simulated users)",
         "",
@@ -89,12 +106,17 @@ def personalize_md(res: dict, *, images: dict[str, str]) -> str:
         "",
         "## Alignment quality and data efficiency",
         "",
-        "| persona | base | " + " | ".join(f"after {c}" for c in b.get("checkpoints", [])) + f" | degenerate @{b.get('target_events')} | others' max Δ @{b.get('target_events')} |",
-        "|---|---|" + "---|" * len(b.get("checkpoints", [])) + "---|---|",
+        f"Each rate is a share of {n_held} held-out answers, so one answer is {100 / max(n_held or 1, 1):.1f} points; the "
+        f"interval column is the 95% Wilson interval of the rate after {target}: where the rate over many more prompts like "
+        "these could lie. It does not cover the draw of the simulated users' feedback, which moves a persona's figures further between runs.",
+        "",
+        "| persona | base | " + " | ".join(f"after {c}" for c in b.get("checkpoints", [])) + f" | 95% interval @{target} | degenerate @{target} | others' max Δ @{target} |",
+        "|---|---|" + "---|" * len(b.get("checkpoints", [])) + "---|---|---|",
     ]
     for name, p in res.get("personas", {}).items():
         cells = [_pct(p["curve"].get(str(c))) for c in b.get("checkpoints", [])]
-        lines.append(f"| {name} | {_pct(p['base'])} | " + " | ".join(cells) + f" | {_pct(p['degenerate'])} | {100 * p['others_max_delta']:.0f} pts |")
+        lines.append(f"| {name} | {_pct(p['base'])} | " + " | ".join(cells) + f" | {_interval(p['curve'].get(str(target)), n_held)} | "
+                     f"{_pct(p['degenerate'])} | {100 * p['others_max_delta']:.0f} pts |")
     for key in ("curve", "alignment"):
         if key in images:
             lines += ["", f"![{key}]({images[key]})"]

@@ -33,7 +33,7 @@ def test_quick_run_writes_the_result_keys_other_tools_read(quick):
     for suffix in ("_curve.png", "_alignment.png", "_isolation.png", "_kinds.png"):
         assert (out.parent / f"personalize{suffix}").stat().st_size > 1000
     md = (out.parent / "personalize.md").read_text()
-    assert "Isolation" in md and "heed.quality.degeneration" in md
+    assert "Isolation" in md and "heed.quality.degeneration" in md and "| 95% interval @" in md
     assert res["command"] == f"heed bench personalize --quick --out {out}" and f"`{res['command']}`" in md
 
 
@@ -159,6 +159,17 @@ def test_the_report_sets_another_draw_of_the_users_beside_the_main_run(quick, tm
         for seed in (res["bench"]["seed"], other["bench"]["seed"]):
             assert f"| {name} | {seed} |" in page
     assert "ran another learner recipe" not in page
+
+
+def test_a_rate_comes_with_its_95_percent_wilson_interval():
+    from bench.report import wilson
+
+    lo, hi = wilson(0.5, 32)
+    assert round(lo, 3) == 0.336 and round(hi, 3) == 0.664
+    assert wilson(0.0, 32)[0] == 0.0 and 0.10 < wilson(0.0, 32)[1] < 0.11, "no answer accepted still leaves room above 0"
+    assert wilson(1.0, 32)[1] == 1.0 and 0.89 < wilson(1.0, 32)[0] < 0.90
+    assert wilson(0.78125, 32)[1] - wilson(0.78125, 32)[0] > wilson(0.78125, 320)[1] - wilson(0.78125, 320)[0]
+    assert wilson(0.5, 0) == (0.0, 1.0)
 
 
 def test_a_gate_audit_lines_up_with_a_run_only_when_their_refusals_match():

@@ -5,7 +5,8 @@ every kind in its mix (the 'all' track); after 4, 8, 16, 32 events the learner
 runs (``Heed.learn``, continuing the same adapter, gate included) and the
 user's held-out acceptance is measured on prompts it never chatted about. A
 few personas also learn from one kind alone. Results: personalize.json,
-personalize.md and PNG plots beside it.
+personalize.md and PNG plots beside it, and every held-out answer judged
+(personalize_answers.jsonl: why one was refused, not only how many).
 """
 from __future__ import annotations
 
@@ -102,6 +103,19 @@ def judge(answers: list[tuple[str, bool]], prompts: list[str], judges: dict[str,
     }
 
 
+def answer_records(track: str, checkpoint: int, events: int, answers: list[tuple[str, bool]], prompts: list[str],
+                   persona: Persona | None) -> list[dict]:
+    """One record per held-out answer: what was asked and answered, and each part of the verdict."""
+    out = []
+    for (text, finished), prompt in zip(answers, prompts):
+        rec = {"track": track, "checkpoint": checkpoint, "events": events, "prompt": prompt, "answer": text, "finished": finished,
+               "degenerate": degeneration(text, prompt=prompt, finished=finished), "on_topic": on_topic(text, prompt)}
+        if persona is not None:
+            rec.update(style=persona.judge(text), accepted=persona.accepts(text, prompt=prompt, finished=finished))
+        out.append(rec)
+    return out
+
+
 def _learn(heed, uid: int) -> dict:
     t = time.perf_counter()
     r = heed.learn(uid, trigger="bench")
@@ -143,6 +157,17 @@ class Run:
                               "rounds": [], "n_train_prompts": len(self.train), "n_heldout_prompts": len(self.heldout)}
 
     @property
+    def answers_path(self) -> Path:
+        return self.out.with_name(self.out.stem + "_answers.jsonl")
+
+    def log_answers(self, records: list[dict], *, fresh: bool = False) -> None:
+        # Beside the partial results until the run finishes, like them: a killed run leaves the last full log.
+        partial = self.answers_path.with_suffix(".partial.jsonl")
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        with partial.open("w" if fresh else "a", encoding="utf-8") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records)
+
+    @property
     def partial(self) -> Path:
         """Where a run in progress keeps its figures so far: a killed run leaves the last finished result in place."""
         return self.out.with_name(self.out.stem + ".partial.json")
@@ -157,6 +182,9 @@ class Run:
         tmp.replace(target)
         if final:
             self.partial.unlink(missing_ok=True)
+            answers = self.answers_path.with_suffix(".partial.jsonl")
+            if answers.exists():
+                answers.replace(self.answers_path)
 
     def base(self) -> None:
         self.observer = self.heed.add_user("observer", secrets.token_urlsafe(12))
@@ -165,6 +193,7 @@ class Run:
         m = judge(self.base_answers, self.heldout, self.judges)
         m["eval_seconds"] = round(time.perf_counter() - t, 1)
         self.results["base"] = m
+        self.log_answers(answer_records("base", 0, 0, self.base_answers, self.heldout, None), fresh=True)
         self.say(f"base: {fmt(m['accept'])}  degenerate {m['degenerate']:.0%}  ({m['eval_seconds']}s)")
         self.save()
 
@@ -217,6 +246,7 @@ class Run:
         for t, ans in zip(due, answers):
             m = judge(ans, self.heldout, self.judges)
             log_ = t.sim.log
+            self.log_answers(answer_records(t.key, cp, log_.total, ans, self.heldout, self.judges[t.persona]))
             self.results["tracks"][t.key]["points"].append(
                 {"events": log_.total, "checkpoint": cp, "events_by_kind": dict(log_.events), "chats": log_.chats,
                  "learn": learned[t.key], **m})

@@ -37,6 +37,19 @@ def test_quick_run_writes_the_result_keys_other_tools_read(quick):
     assert res["command"] == f"heed bench personalize --quick --out {out}" and f"`{res['command']}`" in md
 
 
+def test_every_judged_answer_is_kept_with_its_verdict(quick):
+    res, out = quick
+    records = [json.loads(line) for line in (out.parent / "personalize_answers.jsonl").read_text().splitlines()]
+    n = res["n_heldout_prompts"]
+    assert sum(r["track"] == "base" for r in records) == n
+    for key, track in res["tracks"].items():
+        for point in track["points"][1:]:
+            mine = [r for r in records if r["track"] == key and r["checkpoint"] == point["checkpoint"]]
+            assert len(mine) == n and {r["events"] for r in mine} == {point["events"]}
+            assert sum(r["accepted"] for r in mine) / n == pytest.approx(point["accept"][track["persona"]])
+            assert sum(r["degenerate"] is not None for r in mine) / n == pytest.approx(point["degenerate"])
+
+
 def test_a_trivially_learnable_persona_learns_through_the_service(quick):
     res, _ = quick
     p = res["personas"]["says_thanks"]
@@ -133,6 +146,8 @@ def test_a_run_that_dies_midway_leaves_the_last_finished_result_in_place(tmp_pat
     out = tmp_path / "results" / "personalize.json"
     out.parent.mkdir(parents=True)
     out.write_text('{"finished": true, "from": "the last full run"}')
+    answers = out.parent / "personalize_answers.jsonl"
+    answers.write_text('{"track": "base", "from": "the last full run"}\n')
 
     def dies(self):
         raise RuntimeError("killed after the base measurement")
@@ -141,8 +156,10 @@ def test_a_run_that_dies_midway_leaves_the_last_finished_result_in_place(tmp_pat
     with pytest.raises(RuntimeError, match="killed"):
         main(["personalize", "--quick", "--data-dir", str(tmp_path / "data"), "--out", str(out)])
     assert json.loads(out.read_text())["from"] == "the last full run"
+    assert json.loads(answers.read_text())["from"] == "the last full run"
     partial = json.loads((out.parent / "personalize.partial.json").read_text())
     assert partial["finished"] is False and partial["base"]["accept"]
+    assert len((out.parent / "personalize_answers.partial.jsonl").read_text().splitlines()) == partial["n_heldout_prompts"]
 
 
 def test_the_report_sets_another_draw_of_the_users_beside_the_main_run(quick, tmp_path):

@@ -20,18 +20,13 @@ on the user's held-out contexts plus a fixed set of probe prompts:
 
 The gate answers a fixed number of contexts (``gate_answers``): the user's
 held-out ones first, probe prompts for the rest, so it costs the same for a
-user with 5 held-out answers or 500. A candidate's answers are written into its
-folder (``gate_answers.json``) before it is renamed into place; once promoted
-they are the active adapter's answers, so the next run generates only the
-active adapter's answers to contexts that are new since (the base model's are
-kept in the adapters folder, shared by every user still on it).
+user with 5 held-out answers or 500. What the active adapter and the base model
+answered and scored in earlier runs is reused (``learner.gate_cache``): a run
+generates and scores only what is new since.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import os
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -39,6 +34,8 @@ from typing import Callable
 
 from heed.config import HeedConfig, LearnerConfig
 from heed.quality import degeneration
+
+from . import gate_cache
 
 log = logging.getLogger(__name__)
 
@@ -68,56 +65,11 @@ PROBES = [
     "How do I choose a good book to read?",
     "What makes bread rise?",
 ]
-ANSWERS_FILE = "gate_answers.json"
-BASE_ANSWERS_FILE = "base_gate_answers.json"
-_BASE_CACHE_LIMIT = 512
-
-
 def judged_contexts(heldout: list[dict], *, max_heldout: int, total: int) -> tuple[list[list[dict]], int]:
     """(contexts, how many of them are the user's): held-out contexts first, probe prompts to ``total``."""
     own = _unique_prompts(heldout, min(max_heldout, total))
     probes = [[{"role": "user", "content": q}] for q in PROBES[:max(total - len(own), 0)]]
     return own + probes, len(own)
-
-
-def _settings_key(config: HeedConfig) -> str:
-    """What an answer depends on besides the adapter and the context: a change makes old answers stale."""
-    from heed.hardware import pick_device_dtype
-
-    g, m = config.generation, config.model
-    device, dtype = pick_device_dtype(m)
-    return hashlib.sha256(json.dumps([m.name_or_path, str(dtype), device, m.batch_invariant, g.system_prompt, g.repetition_penalty,
-                                      g.penalize_end_of_turn,
-                                      g.max_context_tokens, config.learner.gate_max_new_tokens]).encode()).hexdigest()[:16]
-
-
-def _context_key(chat: list[dict]) -> str:
-    return hashlib.sha256(json.dumps(chat, sort_keys=True).encode()).hexdigest()[:24]
-
-
-def _read_answers(path: Path, key: str) -> dict:
-    """{context key: [text, finished]} kept at ``path`` for these settings; {} when absent, stale or unreadable."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError) as exc:
-        log.warning("gate: ignoring unreadable answer cache %s: %s", path, exc)
-        return {}
-    if not isinstance(data, dict) or data.get("settings") != key or not isinstance(data.get("answers"), dict):
-        return {}
-    return {k: v for k, v in data["answers"].items() if isinstance(v, list) and len(v) == 2}
-
-
-def _write_answers(path: Path, key: str, answers: dict) -> None:
-    """Atomically: a reader sees the old file or the new one, never half of it."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(json.dumps({"settings": key, "answers": answers}), encoding="utf-8")
-        os.replace(tmp, path)
-    except OSError as exc:  # a cache: the next run regenerates what it cannot read
-        log.warning("gate: could not keep answers in %s: %s", path, exc)
-        tmp.unlink(missing_ok=True)
 
 
 def sequence_ids(tokenizer, messages: list[dict], answer: str) -> tuple[list[int], int]:
@@ -141,14 +93,25 @@ def total_log_probs(engine, ref, sequences: list[tuple[list[int], int]]) -> list
     return [(float(lp.sum()), len(lp)) for lp in answer_log_probs(engine.base, sequences)]
 
 
-def heldout_likelihood(engine, tokenizer, system: dict, heldout: list[dict], *, candidate, active) -> dict:
+def _scores(engine, ref, sequences: list, known: dict) -> tuple[dict, dict]:
+    """({sequence key: (log-likelihood, tokens)} for ``sequences`` under ``ref``, those of them not in ``known``)."""
+    keys = list(dict.fromkeys(map(gate_cache.sequence_key, sequences)))
+    todo = list({k: s for k, s in zip(map(gate_cache.sequence_key, sequences), sequences) if k not in known}.items())
+    new = dict(zip([k for k, _ in todo], total_log_probs(engine, ref, [s for _, s in todo]))) if todo else {}
+    return {k: tuple(new[k] if k in new else known[k]) for k in keys}, new
+
+
+def heldout_likelihood(engine, tokenizer, system: dict, heldout: list[dict], *, candidate, active, known: dict | None = None) -> dict:
     """The held-out examples' chosen answers under the candidate against the active adapter (None: the base).
 
     ``gains``: log-likelihood per token, candidate minus active, one per example
     with a good answer; ``margins``: the chosen-vs-rejected margin per token,
     candidate minus active, one per pair; ``correct``: pairs whose implicit reward
-    (the candidate against the base) ranks the chosen answer first.
+    (the candidate against the base) ranks the chosen answer first. ``known``:
+    scores computed before, by role ('candidate', 'active', 'base'), reused;
+    ``scored``: by role, those this call computed.
     """
+    known = known or {}
     examples = []
     for p in heldout:
         chosen = p.get("chosen") or (p.get("completion") if p.get("label", 1) else None)
@@ -156,29 +119,31 @@ def heldout_likelihood(engine, tokenizer, system: dict, heldout: list[dict], *, 
             msgs = [system, *p["prompt"]]
             examples.append((sequence_ids(tokenizer, msgs, chosen), sequence_ids(tokenizer, msgs, p["rejected"]) if p.get("rejected") else None))
     seqs = [s for pair in examples for s in pair if s is not None]
-    score = {"candidate": dict(zip(map(_seq_key, seqs), total_log_probs(engine, candidate, seqs)))}
-    score["active"] = dict(zip(map(_seq_key, seqs), total_log_probs(engine, active, seqs)))
     paired = [s for _, s in examples if s is not None] + [c for c, r in examples if r is not None]
-    # With the base model active, its scores are the active ones: one forward pass less per answer.
-    score["base"] = score["active"] if active is None else dict(zip(map(_seq_key, paired), total_log_probs(engine, None, paired)))
+    score, scored = {}, {}
+    score["candidate"], scored["candidate"] = _scores(engine, candidate, seqs, known.get("candidate", {}))
+    if active is None:
+        # With the base model active, its scores are the active ones: one forward pass less per answer.
+        score["active"], scored["active"] = _scores(engine, None, seqs, known.get("base", {}))
+        score["base"], scored["base"] = score["active"], scored["active"]
+    else:
+        score["active"], scored["active"] = _scores(engine, active, seqs, known.get("active", {}))
+        score["base"], scored["base"] = _scores(engine, None, paired, known.get("base", {}))
     engine.activate(None)
+    key = gate_cache.sequence_key
     gains, margins, correct = [], [], 0
     for chosen, rejected in examples:
-        (lc_c, n), (lc_a, _) = score["candidate"][_seq_key(chosen)], score["active"][_seq_key(chosen)]
+        (lc_c, n), (lc_a, _) = score["candidate"][key(chosen)], score["active"][key(chosen)]
         n = max(n, 1)
         gains.append((lc_c - lc_a) / n)
         if rejected is None:
             continue
-        (lr_c, k), (lr_a, _) = score["candidate"][_seq_key(rejected)], score["active"][_seq_key(rejected)]
+        (lr_c, k), (lr_a, _) = score["candidate"][key(rejected)], score["active"][key(rejected)]
         k = max(k, 1)
         margins.append((lc_c / n - lr_c / k) - (lc_a / n - lr_a / k))
-        (lb_c, _), (lb_r, _) = score["base"][_seq_key(chosen)], score["base"][_seq_key(rejected)]
+        (lb_c, _), (lb_r, _) = score["base"][key(chosen)], score["base"][key(rejected)]
         correct += (lc_c - lb_c) > (lr_c - lb_r)
-    return {"gains": gains, "margins": margins, "correct": correct}
-
-
-def _seq_key(seq: tuple[list[int], int]) -> tuple:
-    return (tuple(seq[0]), seq[1])
+    return {"gains": gains, "margins": margins, "correct": correct, "scores": score, "scored": scored}
 
 
 def _chunks(sequences: list, *, max_tokens: int) -> list[list]:
@@ -275,10 +240,10 @@ def _evaluate(config: HeedConfig, *, candidate_dir: str, active_dir: str | None,
 
     contexts, n_own = judged_contexts(heldout, max_heldout=lc.gate_max_contexts, total=lc.gate_answers)
     chats = [[system, *c] for c in contexts]
-    keys = [_context_key(c) for c in chats]
-    settings = _settings_key(config)
-    act_file = Path(active_dir) / ANSWERS_FILE if active_dir else config.adapters_path / BASE_ANSWERS_FILE
-    act_known = _read_answers(act_file, settings)
+    keys = [gate_cache.context_key(c) for c in chats]
+    settings = gate_cache.answers_key(config)
+    act_file = Path(active_dir) / gate_cache.ANSWERS_FILE if active_dir else config.adapters_path / gate_cache.BASE_ANSWERS_FILE
+    act_known = gate_cache.read(act_file, settings)
     act_missing = [i for i, k in enumerate(keys) if k not in act_known]
     if progress:
         progress("gate", 0.05)
@@ -294,13 +259,9 @@ def _evaluate(config: HeedConfig, *, candidate_dir: str, active_dir: str | None,
     if progress:
         progress("gate", 0.9)
     act_out = [act_new[i] if i in act_new else tuple(act_known[keys[i]]) for i in range(len(chats))]
-    _write_answers(Path(candidate_dir) / ANSWERS_FILE, settings, dict(zip(keys, map(list, cand_out))))
-    if act_new and not active_dir:
-        # The base model's answers are shared by every user still on it: bounded, the newest kept. (A version
-        # folder is never written after its run: its file holds what it answered as a candidate.)
-        kept = {**act_known, **{keys[i]: list(a) for i, a in act_new.items()}}
-        act_file.parent.mkdir(parents=True, exist_ok=True)
-        _write_answers(act_file, settings, dict(list(kept.items())[-_BASE_CACHE_LIMIT:]))
+    gate_cache.write(Path(candidate_dir) / gate_cache.ANSWERS_FILE, settings, dict(zip(keys, map(list, cand_out))))
+    if not active_dir:
+        gate_cache.add_to_base(act_file, settings, act_known, {keys[i]: list(a) for i, a in act_new.items()})
     timings = {"generate_s": time.perf_counter() - t0}
     deg_c, cut_c, why_c = _judge(cand_out, contexts)
     deg_a, cut_a, _ = _judge(act_out, contexts)
@@ -322,8 +283,14 @@ def _evaluate(config: HeedConfig, *, candidate_dir: str, active_dir: str | None,
         t2 = time.perf_counter()
         # Held-out chosen answers: log-likelihood per token, candidate vs active; the chosen-vs-rejected margin
         # per token, candidate vs active; implicit reward vs the base.
-        held = heldout_likelihood(engine, tokenizer, system, heldout, candidate=cand, active=act)
+        skey = gate_cache.scores_key(config)
+        base_file = config.adapters_path / gate_cache.BASE_SCORES_FILE
+        known = {"base": gate_cache.read(base_file, skey),
+                 "active": gate_cache.read(Path(active_dir) / gate_cache.SCORES_FILE, skey) if active_dir else {}}
+        held = heldout_likelihood(engine, tokenizer, system, heldout, candidate=cand, active=act, known=known)
         gains, margins, correct = held["gains"], held["margins"], held["correct"]
+        gate_cache.write(Path(candidate_dir) / gate_cache.SCORES_FILE, skey, {k: list(v) for k, v in held["scores"]["candidate"].items()})
+        gate_cache.add_to_base(base_file, skey, known["base"], {k: list(v) for k, v in held["scored"]["base"].items()})
         timings["likelihood_s"] = time.perf_counter() - t2
     gain = sum(gains) / len(gains) if gains else None
     margin = sum(margins) / len(margins) if margins else None
@@ -352,6 +319,7 @@ def _evaluate(config: HeedConfig, *, candidate_dir: str, active_dir: str | None,
         "n_contexts": len(contexts),
         "n_heldout_contexts": n_own,
         "active_answers_generated": len(act_new),
+        "heldout_scored": {role: len(v) for role, v in held["scored"].items()},
         "degenerate_candidate": deg_c,
         "degenerate_active": deg_a,
         "cutoff_candidate": cut_c,

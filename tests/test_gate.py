@@ -149,3 +149,37 @@ def test_the_gate_generates_only_what_the_active_adapter_has_not_answered_yet(tr
     second = learn_user(h.config, h.store, user_id=uid)
     new_contexts = second["gate"]["n_heldout_contexts"] - first["gate"]["n_heldout_contexts"]
     assert 0 < second["gate"]["active_answers_generated"] <= new_contexts
+
+
+def test_the_gate_scores_only_held_out_answers_not_scored_before(trained):
+    h, uid, first = trained
+    # The first run scored its held-out answers under the candidate and the base model (then active).
+    assert first["gate"]["heldout_scored"]["candidate"] == first["gate"]["heldout_scored"]["base"] > 0
+    edit_answers(h, uid, [AGAIN] * 12, questions=[f"another question {i}" for i in range(12)])
+    second = learn_user(h.config, h.store, user_id=uid)
+    scored = second["gate"]["heldout_scored"]
+    assert second["gate"]["heldout_n"] > first["gate"]["heldout_n"]
+    # v1 scored the first run's held-out answers as a candidate, the base scored them then: only the new ones are left.
+    assert 0 < scored["active"] < scored["candidate"] and 0 < scored["base"] < scored["candidate"]
+
+
+def test_held_out_scores_kept_from_before_give_the_same_figures(trained):
+    from heed.engine import AdapterRef, Engine
+    from learner.gate import heldout_likelihood
+
+    h, uid, _ = trained
+    heldout = [p for p in h.store.list_pairs(user_id=uid, split="heldout") if p["kind"] != "sft"]
+    assert heldout
+    engine = Engine(h.engine.base, h.engine.tokenizer, model_cfg=h.config.model, gen_cfg=h.config.generation)
+    system = {"role": "system", "content": h.config.generation.system_prompt}
+    cand = AdapterRef("v1", h.store.active_adapter(user_id=uid)["path"])
+
+    def score(known=None):
+        return heldout_likelihood(engine, h.engine.tokenizer, system, heldout, candidate=cand, active=None, known=known)
+
+    fresh = score()
+    one = dict(list(fresh["scores"]["candidate"].items())[:1])
+    again = score({"candidate": one, "base": fresh["scores"]["base"]})
+    assert again["scored"]["base"] == {} and again["scored"]["candidate"].keys() == fresh["scores"]["candidate"].keys() - one.keys()
+    assert again["gains"] == pytest.approx(fresh["gains"], abs=1e-4)
+    assert again["margins"] == pytest.approx(fresh["margins"], abs=1e-4) and again["correct"] == fresh["correct"]

@@ -56,10 +56,10 @@ def test_an_unknown_learner_dtype_is_a_config_error_that_names_it(tmp_path):
 
 
 def test_the_gates_answer_cache_is_per_serving_dtype_and_not_the_learners(tmp_path):
-    from learner.gate import _settings_key
+    from learner.gate_cache import answers_key
 
     def key(model_dtype, learner_dtype):
-        return _settings_key(make_config(tmp_path, "tiny:0", model={"dtype": model_dtype}, learner={"dtype": learner_dtype}))
+        return answers_key(make_config(tmp_path, "tiny:0", model={"dtype": model_dtype}, learner={"dtype": learner_dtype}))
 
     assert key("float32", "float32") != key("bfloat16", "float32"), "answers generated in one dtype are not the other's"
     assert key("float32", "float32") == key("float32", "bfloat16"), "the gate generates in the serving dtype"

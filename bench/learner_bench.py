@@ -7,6 +7,9 @@
   script. Goal <= 1.2x.
 - run time at 10x the user's history with the same new feedback (replay and the
   gate's held-out set are bounded, so the cost should not grow). Goal <= 1.3x.
+  The history was learned by a run whose gate judged the adapter on the held-out
+  set of its day and kept what it answered and scored, as every promoted run
+  does; the measured run reuses that as it would for a real user.
 - time from the last feedback event to the promoted adapter, for ``events`` new
   edits of a new user, gate included.
 
@@ -136,6 +139,15 @@ def _consume_history(config, store, uid: int, adapter: str) -> None:
                   pairs=examples, metrics={"feedback_read_at": time.time()})
     store.finish_run(user_id=uid, run_id=run_id, status="promoted", n_feedback=len(feedback), n_pairs=len(examples), candidate_version=1)
     store.release_lease(user_id=uid, holder=holder)
+    _judge_as_promoted(config, store, uid, folder)
+
+
+def _judge_as_promoted(config, store, uid: int, folder: Path) -> None:
+    """The gate of the run that promoted ``folder``: its held-out set then (the newest first, bounded), against the base."""
+    from learner.gate import evaluate
+
+    heldout = [p for p in store.list_pairs(user_id=uid, split="heldout") if p["kind"] != "sft"][::-1]
+    evaluate(config, candidate_dir=str(folder), active_dir=None, heldout=heldout[:config.learner.gate_max_contexts])
 
 
 def child_learner(spec: dict) -> dict:

@@ -33,6 +33,9 @@ def render(results_dir: Path, *, config: str | None = None) -> str:
     draws = [d for d in (load(f) for f in sorted(results_dir.glob("personalize_seed*.json"))) if d and d.get("personas")]
     if pers and draws:
         parts += ["", draws_md(pers, draws)]
+    refusals = _refusals_md(results_dir, [("the main run", pers, "personalize")] + [(f"draw {_seed(d)}", d, f"personalize_seed{_seed(d)}") for d in draws])
+    if pers and refusals:
+        parts += ["", "### Why answers were not accepted", "", refusals]
     variants = [(f.name, d) for f in sorted(results_dir.glob("personalize_*.json")) if not f.name.startswith(("personalize_seed", "personalize_kinds"))
                 and not f.name.endswith(".partial.json") and (d := load(f)) and d.get("personas")]
     if pers and variants:
@@ -56,6 +59,22 @@ def render(results_dir: Path, *, config: str | None = None) -> str:
         parts += ["", "## Load", "", "| figure | value |", "|---|---|"]
         parts += [f"| {k} | {json.dumps(v) if isinstance(v, (dict, list)) else v} |" for k, v in loadres.items()]
     return "\n".join(parts) + "\n"
+
+
+def _refusals_md(results_dir: Path, runs: list[tuple[str, dict | None, str]]) -> str:
+    """For each run whose answer log is beside its results: why its answers after the target events were refused."""
+    from bench.refusals import load as load_answers
+    from bench.refusals import refusals_md
+
+    parts = []
+    for name, res, stem in runs:
+        log_file = results_dir / f"{stem}_answers.jsonl"
+        if res and log_file.is_file():
+            target = (res.get("bench") or {}).get("target_events", 16)
+            md = refusals_md(load_answers(log_file), checkpoint=target, title=f"{name.capitalize()}, after {target} events")
+            if md:
+                parts.append(md)
+    return "\n\n".join(parts)
 
 
 def corrections_md(res: dict) -> str:

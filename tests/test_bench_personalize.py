@@ -50,6 +50,38 @@ def test_every_judged_answer_is_kept_with_its_verdict(quick):
             assert sum(r["degenerate"] is not None for r in mine) / n == pytest.approx(point["degenerate"])
 
 
+def test_each_refused_answer_counts_once_under_the_first_check_it_fails():
+    from bench.refusals import first_failure, refusals_md
+
+    def rec(**kw):
+        return {"track": "brief/all", "checkpoint": 16, "prompt": "How do I organise my wardrobe?", "answer": "Sort your closet.",
+                "degenerate": None, "style": True, "on_topic": True, "accepted": False, **kw}
+
+    assert first_failure(rec(accepted=True)) is None
+    assert first_failure(rec(degenerate="cut_off", style=False, on_topic=False)) == "cut off"
+    assert first_failure(rec(degenerate="repetitive", style=False)) == "other degenerate"
+    assert first_failure(rec(style=False, on_topic=False)) == "not in the persona's style"
+    assert first_failure(rec(on_topic=False)) == "off topic"
+    with pytest.raises(ValueError, match="passed every check"):
+        first_failure(rec())
+    page = refusals_md([rec(accepted=True), rec(on_topic=False), rec(checkpoint=8, accepted=True)], checkpoint=16, title="Draw 0")
+    assert "| brief/all | 2 | 1 | 0 | 0 | 0 | 1 |" in page and "“How do I organise my wardrobe?” → “Sort your closet.”" in page
+
+
+def test_the_report_says_why_answers_were_refused_from_the_answer_log(quick):
+    from bench.report_cli import render
+
+    res, out = quick
+    page = render(out.parent)
+    assert "### Why answers were not accepted" in page
+    target = res["bench"]["target_events"]
+    at_target = [(key, p, t["persona"]) for key, t in res["tracks"].items() for p in t["points"][1:] if p["checkpoint"] == target]
+    assert at_target
+    for key, point, persona in at_target:
+        accepted = round(point["accept"][persona] * res["n_heldout_prompts"])
+        assert f"| {key} | {res['n_heldout_prompts']} | {accepted} |" in page
+
+
 def test_a_trivially_learnable_persona_learns_through_the_service(quick):
     res, _ = quick
     p = res["personas"]["says_thanks"]

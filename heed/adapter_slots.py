@@ -1,10 +1,10 @@
 """Users' LoRA adapters in one peft model: an LRU cache, and which one the base model computes with.
 
-The engine owns one of these and calls it under its lock; generation never
-touches peft's state directly. The base ``W0`` parameters are never written:
-*unmerged* serving repoints hooks, *merged* serving swaps in spare weight
-copies holding ``W0 + s·BA`` (``heed.lora_batch``), and both restore the
-bare base before anything else changes.
+The engine owns one of these and calls it under its own lock (a batch that
+mixes several adapters hooks peft's layers itself: ``heed.lora_batch``). The
+base ``W0`` parameters are never written: *unmerged* serving repoints hooks,
+*merged* serving swaps in spare weight copies holding ``W0 + s·BA``, and both
+restore the bare base before anything else changes.
 """
 from __future__ import annotations
 

@@ -65,6 +65,8 @@ PROBES = [
     "How do I choose a good book to read?",
     "What makes bread rise?",
 ]
+
+
 def judged_contexts(heldout: list[dict], *, max_heldout: int, total: int) -> tuple[list[list[dict]], int]:
     """(contexts, how many of them are the user's): held-out contexts first, probe prompts to ``total``."""
     own = _unique_prompts(heldout, min(max_heldout, total))
@@ -95,10 +97,10 @@ def total_log_probs(engine, ref, sequences: list[tuple[list[int], int]]) -> list
 
 def _scores(engine, ref, sequences: list, known: dict) -> tuple[dict, dict]:
     """({sequence key: (log-likelihood, tokens)} for ``sequences`` under ``ref``, those of them not in ``known``)."""
-    keys = list(dict.fromkeys(map(gate_cache.sequence_key, sequences)))
-    todo = list({k: s for k, s in zip(map(gate_cache.sequence_key, sequences), sequences) if k not in known}.items())
-    new = dict(zip([k for k, _ in todo], total_log_probs(engine, ref, [s for _, s in todo]))) if todo else {}
-    return {k: tuple(new[k] if k in new else known[k]) for k in keys}, new
+    by_key = dict(zip(map(gate_cache.sequence_key, sequences), sequences))
+    todo = [k for k in by_key if k not in known]
+    new = dict(zip(todo, total_log_probs(engine, ref, [by_key[k] for k in todo]))) if todo else {}
+    return {k: tuple(new[k] if k in new else known[k]) for k in by_key}, new
 
 
 def heldout_likelihood(engine, tokenizer, system: dict, heldout: list[dict], *, candidate, active, known: dict | None = None) -> dict:

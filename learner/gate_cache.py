@@ -74,6 +74,7 @@ def write(path: Path, key: str, values: dict) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        # "answers" for scores too: the answer files' format from before scores were kept, so old files still read.
         tmp.write_text(json.dumps({"settings": key, "answers": values}), encoding="utf-8")
         os.replace(tmp, path)
     except OSError as exc:  # a cache: the next run recomputes what it cannot read

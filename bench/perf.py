@@ -93,8 +93,6 @@ def _timed_tokens(engine, fn) -> tuple[float, int]:
 
 def serving(config, s: PerfSettings, refs: list) -> dict:
     """Tokens/s with and without an adapter, first token, switching and loading, memory, 8 users at once."""
-    import threading
-
     import torch
     from peft import PeftModel
 
@@ -169,32 +167,44 @@ def serving(config, s: PerfSettings, refs: list) -> dict:
 
     # 8 users at once, 8 different adapters: total tokens/s over one user alone.
     eight = refs[:8]
-    alone, together, plain_mixed = [], [], []
+    alone, together, bare, plain_mixed = [], [], [], []
     for i in range(max(3, s.runs // 2)):
         dt, n = _timed_tokens(engine, lambda: engine.generate(_chat(PROMPTS[i % 8]), adapter=eight[i % 8]))
         alone.append(n / dt)
-        start = threading.Barrier(8)
-
-        def user(k):
-            start.wait()
-            engine.generate(_chat(PROMPTS[k]), adapter=eight[k])
-
-        threads = [threading.Thread(target=user, args=(k,)) for k in range(8)]
-        before, b0 = engine.tokens_generated, engine.batches_run
-        t = time.perf_counter()
-        for th in threads:
-            th.start()
-        for th in threads:
-            th.join()
-        together.append((engine.tokens_generated - before) / (time.perf_counter() - t))
-        out["eight_users_batches"] = engine.batches_run - b0
+        tps, batches = _eight_users(engine, eight)
+        together.append(tps)
+        out["eight_users_batches"] = batches
+        # The same 8 requests without adapters: how much of the batch's speed the mixed LoRA costs.
+        bare.append(_eight_users(engine, [None] * 8)[0])
         plain_mixed.append(_peft_mixed_tps(engine, eight, gen))
     out["one_user_tokens_per_s"] = _median(alone)
     out["eight_users_tokens_per_s"] = _median(together)
     out["mixed_adapter_batch_speedup_8"] = _median([t / a_ for t, a_ in zip(together, alone)])
+    out["eight_users_no_adapter_tokens_per_s"] = _median(bare)
+    out["eight_users_adapters_vs_none"] = _median([t / b_ for t, b_ in zip(together, bare)])
     out["plain_peft_adapter_names_tokens_per_s_8"] = _median(plain_mixed)
     out["plain_peft_adapter_names_speedup_8"] = _median([p / a_ for p, a_ in zip(plain_mixed, alone)])
     return out
+
+
+def _eight_users(engine, adapters) -> tuple[float, int]:
+    """(total tokens/s, batches) of 8 threads that ask the engine at once, as 8 browser sessions do."""
+    import threading
+
+    start = threading.Barrier(len(adapters))
+
+    def user(k):
+        start.wait()
+        engine.generate(_chat(PROMPTS[k]), adapter=adapters[k])
+
+    threads = [threading.Thread(target=user, args=(k,)) for k in range(len(adapters))]
+    before, b0 = engine.tokens_generated, engine.batches_run
+    t = time.perf_counter()
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    return (engine.tokens_generated - before) / (time.perf_counter() - t), engine.batches_run - b0
 
 
 def _peft_mixed_tps(engine, refs, gen) -> float:

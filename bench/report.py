@@ -228,6 +228,7 @@ PERF_ROWS = [
     ("memory_adapters_mb", "memory for the cached users' adapters, MB (RSS growth)", "", None),
     ("mixed_adapter_batch_speedup_8", "8 users, 8 adapters at once: total tokens/s ÷ one user", "≥ 4", lambda v: v >= 4),
     ("plain_peft_adapter_names_speedup_8", "the same with peft's adapter_names batch ÷ one user", "(reference)", None),
+    ("eight_users_adapters_vs_none", "8 users with 8 adapters ÷ the same 8 without adapters", "", None),
     ("learner_s_per_pair_ratio", "learner s/pair ÷ plain TRL DPOTrainer script", "≤ 1.1", lambda v: v <= 1.1),
     ("learner_peak_rss_ratio", "learner peak RSS ÷ plain TRL script", "≤ 1.2", lambda v: v <= 1.2),
     ("history_10x_time_ratio", "learner run time at 10× history ÷ 1× (same new feedback)", "≤ 1.3", lambda v: v <= 1.3),
@@ -259,6 +260,7 @@ def perf_md(res: dict) -> str:
     lines += ["", f"Tokens/s: base {_num(res.get('base_tokens_per_s'))}, with an adapter {_num(res.get('adapter_tokens_per_s'))}, "
                   f"plain peft {_num(res.get('plain_peft_tokens_per_s'))}; one user {_num(res.get('one_user_tokens_per_s'))}, "
                   f"8 users together {_num(res.get('eight_users_tokens_per_s'))} (in {res.get('eight_users_batches')} batch(es)), "
+                  f"the same 8 without adapters {_num(res.get('eight_users_no_adapter_tokens_per_s'))}, "
                   f"peft adapter_names batch {_num(res.get('plain_peft_adapter_names_tokens_per_s_8'))}. "
                   f"{res.get('users_in_memory')} users' adapters: {_num(res.get('adapter_weights_mb'))} MB of weights, "
                   f"RSS {_num(res.get('rss_mb_with_adapters'))} MB."]

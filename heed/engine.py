@@ -7,8 +7,8 @@ users share forward passes. The base ``W0`` parameters are never written: a
 user without an adapter gets bit-identical base weights.
 - One adapter in the batch, ``model.adapter_serving``: *unmerged* (the CPU
   default) hooks add ``s·B(Ax)`` to each LoRA layer's output, and switching
-  users only repoints them (embedded model, CPU fp32: 1.00x the bare base
-  model's tokens/s, peft's own unmerged forward 0.89x); *merged* (the CUDA
+  users only repoints them (embedded model, CPU fp32, ``heed bench perf``:
+  0.95x the bare base model's tokens/s, peft's own unmerged forward 0.87x); *merged* (the CUDA
   default) writes ``W0 + s·BA`` into spare weight copies swapped in: no extra
   kernels, but each switch rewrites every adapted weight (48 ms on that CPU).
 - Several adapters in one batch: each LoRA layer adds ``s_i·B_i A_i x_i`` per
@@ -37,6 +37,7 @@ from .config import GenerationConfig, HeedConfig, ModelConfig
 from .hardware import contiguous_head_input, pick_device_dtype
 from .invariant import use_row_attention
 from .lora_batch import BatchStreamer, Row, RowStop, mixed_lora, sparing_penalty
+from .openmp import give_back_pool
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +114,7 @@ class Engine:
         self.tokens_generated = 0
         # Benchmarks set this so every reply runs to its token limit (end-of-answer suppressed): equal work per run.
         self.fixed_length = False
+        give_back_pool()  # loading is done here; the worker's OpenMP pool must not share the cores with this thread's (heed.openmp)
 
     @classmethod
     def load(cls, config: HeedConfig) -> "Engine":
@@ -231,6 +233,7 @@ class Engine:
 
     # -- the request queue ----------------------------------------------------
     def _submit(self, row: Row) -> None:
+        give_back_pool()  # this thread now waits on the worker's torch work (heed.openmp)
         with self._cv:
             self._pending.append(row)
             self._cv.notify()

@@ -119,16 +119,26 @@ def serving(config, s: PerfSettings, refs: list) -> dict:
     a, b = refs[0], refs[1]
     engine.generate(_chat(PROMPTS[0]), adapter=a)  # warm up
 
-    # Adapted vs bare, interleaved so drift in machine load hits both alike.
-    base_tps, adapted_tps = [], []
+    # Adapted vs bare, interleaved so drift in machine load hits both alike. User a asks again and again (a
+    # conversation: hybrid serving merges a from its second reply); c and d take turns, so each of their replies
+    # is a first reply after someone else's (unmerged).
+    c, d = refs[2], refs[3]
+    base_tps, adapted_tps, switched_tps, how = [], [], [], set()
     for i in range(s.runs):
         p = _chat(PROMPTS[i % len(PROMPTS)])
-        for ref, acc in ((None, base_tps), (a, adapted_tps)):
+        for ref, acc in ((None, base_tps), (a, adapted_tps), (c, switched_tps), (d, switched_tps)):
             dt, n = _timed_tokens(engine, lambda: engine.generate(p, adapter=ref))
             acc.append(n / dt)
+            who = "base" if ref is None else "same user" if ref is a else "switched"
+            how.add(f"{who}: {engine.adapters.how or 'bare'}")
+    out["serving"] = engine.serving
+    out["served_as"] = sorted(how)
     out["base_tokens_per_s"] = _median(base_tps)
     out["adapter_tokens_per_s"] = _median(adapted_tps)
     out["adapter_tokens_per_s_ratio"] = _median([x / y for x, y in zip(adapted_tps, base_tps)])
+    out["switched_adapter_tokens_per_s_ratio"] = _median([(x + y) / 2 / z for x, y, z in
+                                                          zip(switched_tps[::2], switched_tps[1::2], base_tps)])
+    out["merged_copies_mb"] = round(engine.adapters.merged_bytes / 2**20, 1)
 
     # The plain library doing the same: peft's unmerged LoRA forward, on its own copy of the base model.
     plain, tok = load_base(config)
@@ -168,7 +178,7 @@ def serving(config, s: PerfSettings, refs: list) -> dict:
     # 8 users at once, 8 different adapters: total tokens/s over one user alone.
     eight = refs[:8]
     alone, together, bare, plain_mixed = [], [], [], []
-    for i in range(max(3, s.runs // 2)):
+    for i in range(s.runs):
         dt, n = _timed_tokens(engine, lambda: engine.generate(_chat(PROMPTS[i % 8]), adapter=eight[i % 8]))
         alone.append(n / dt)
         tps, batches = _eight_users(engine, eight)

@@ -221,6 +221,7 @@ def load(path: Path) -> dict | None:
 PERF_ROWS = [
     # key, label, goal text, goal check
     ("adapter_tokens_per_s_ratio", "reply tokens/s with a user's adapter ÷ bare base model", "≥ 0.95", lambda v: v >= 0.95),
+    ("switched_adapter_tokens_per_s_ratio", "the same for a reply right after another user's (unmerged) ÷ bare base model", "", None),
     ("plain_peft_ratio", "the same with plain peft (unmerged LoRA) ÷ bare base model", "(reference)", None),
     ("first_token_ms", "time to first token, ms", "", None),
     ("adapter_switch_ms", "adapter switch between cached users, ms", "≤ 20", lambda v: v <= 20),
@@ -257,7 +258,9 @@ def perf_md(res: dict) -> str:
     fw, raw = res.get("feedback_writes_per_s") or {}, res.get("raw_sqlite_writes_per_s") or {}
     for n in sorted(fw, key=int):
         lines.append(f"| feedback events stored per s, {n} writer{'s' if n != '1' else ''} (raw sqlite3 insert: {_num(raw.get(n))}) | {_num(fw[n])} | | |")
-    lines += ["", f"Tokens/s: base {_num(res.get('base_tokens_per_s'))}, with an adapter {_num(res.get('adapter_tokens_per_s'))}, "
+    lines += ["", f"Serving `{res.get('serving')}` ({'; '.join(res.get('served_as') or [])}; spare weight copies "
+                  f"{_num(res.get('merged_copies_mb'))} MB). "
+                  f"Tokens/s: base {_num(res.get('base_tokens_per_s'))}, with an adapter {_num(res.get('adapter_tokens_per_s'))}, "
                   f"plain peft {_num(res.get('plain_peft_tokens_per_s'))}; one user {_num(res.get('one_user_tokens_per_s'))}, "
                   f"8 users together {_num(res.get('eight_users_tokens_per_s'))} (in {res.get('eight_users_batches')} batch(es)), "
                   f"the same 8 without adapters {_num(res.get('eight_users_no_adapter_tokens_per_s'))}, "

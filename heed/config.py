@@ -45,7 +45,7 @@ class ModelConfig:
     max_batch: int = _f(8, "Replies generated together when several users ask at once (each keeps its own adapter).")
     batch_window_ms: int = _f(5, "How long a new request waits for others to join its batch, in milliseconds.")
     batch_invariant: bool = _f(True, "In bf16/fp16 on a CPU, answer each row as it would be answered alone (attention row by row, no lone-row matmuls, every adapter by the batched LoRA path): answers do not depend on who else shares the batch. fp32 is close enough without it.")
-    adapter_serving: str = _f("auto", "One user's adapter: 'unmerged' (LoRA added by hooks: switching users costs nothing), 'merged' (folded into copies of the base weights: each switch rewrites them), 'auto' (merged on CUDA, unmerged on CPU).")
+    adapter_serving: str = _f("auto", "One user's adapter: 'unmerged' (LoRA added by hooks: switching users costs nothing), 'merged' (folded into copies of the base weights: each switch rewrites them), 'hybrid' (unmerged for a user's first reply after someone else's, merged from the next), 'auto' (merged on CUDA, hybrid on CPU).")
 
     def __post_init__(self) -> None:
         _check(bool(self.name_or_path.strip()), "model.name_or_path", "must not be empty")
@@ -55,8 +55,8 @@ class ModelConfig:
         _check(1 <= self.max_cached_adapters <= 10_000, "model.max_cached_adapters", "must be between 1 and 10000")
         _check(1 <= self.max_batch <= 256, "model.max_batch", "must be between 1 and 256")
         _check(0 <= self.batch_window_ms <= 1000, "model.batch_window_ms", "must be between 0 and 1000")
-        _check(self.adapter_serving in ("auto", "merged", "unmerged"), "model.adapter_serving",
-               f"must be auto, merged or unmerged, got {self.adapter_serving!r}")
+        _check(self.adapter_serving in ("auto", "merged", "unmerged", "hybrid"), "model.adapter_serving",
+               f"must be auto, merged, unmerged or hybrid, got {self.adapter_serving!r}")
 
 
 @dataclass

@@ -215,14 +215,30 @@ class MergedAdapter:
     def __init__(self) -> None:
         self._originals: dict = {}  # LoRA layer -> its untouched base weight Parameter
         self._buffers: dict = {}  # LoRA layer -> Parameter that holds W0 + delta while merged
+        self.held: str | None = None  # the adapter whose W0 + s·BA the buffers hold
 
     def know(self, layers) -> None:
         for layer in layers:
             self._originals.setdefault(layer, layer.get_base_layer().weight)
 
+    @property
+    def buffer_bytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self._buffers.values())
+
+    def forget(self, key: str) -> None:
+        if self.held == key:
+            self.held = None
+
     def merge(self, key: str, layers) -> None:
+        """Swap in ``W0 + s·BA`` of ``key``; computed only when the buffers hold another adapter's."""
         import torch
 
+        layers = list(layers)
+        if self.held == key and all(layer in self._buffers for layer in layers):
+            for layer in layers:  # the same user again after the bare base model: nothing to recompute
+                layer.get_base_layer().weight = self._buffers[layer]
+            return
+        self.held = None  # half-written buffers must never be taken for key's
         with torch.no_grad():
             for layer in layers:
                 w0 = self._originals[layer]
@@ -233,6 +249,7 @@ class MergedAdapter:
                 torch.addmm(w0, b.to(w0.dtype), a.to(w0.dtype), alpha=layer.scaling[key], out=buf.data)
                 # A new Parameter object, not .data: a tied weight (lm_head/embeddings) must keep its own W0.
                 layer.get_base_layer().weight = buf
+        self.held = key
 
     def restore(self) -> None:
         for layer, weight in self._originals.items():

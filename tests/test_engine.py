@@ -1,5 +1,5 @@
-"""The engine: adapter cache, per-request adapters, both single-adapter paths (unmerged hooks, merged
-weights), mixed batches, the request queue. Every test runs in both serving modes."""
+"""The engine: adapter cache, per-request adapters, the single-adapter paths (unmerged hooks, merged
+weights, hybrid), mixed batches, the request queue. Every test runs in every serving mode."""
 from __future__ import annotations
 
 import threading
@@ -25,7 +25,7 @@ def _make_adapter(config, out, seed: int, targets=("q_proj", "k_proj", "v_proj",
     return AdapterRef(f"user{seed}", str(out))
 
 
-@pytest.fixture(scope="module", params=["unmerged", "merged", "bf16"])
+@pytest.fixture(scope="module", params=["unmerged", "merged", "hybrid", "bf16"])
 def world(request, tiny_model_path, tmp_path_factory):
     from heed.engine import Engine
 

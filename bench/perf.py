@@ -173,7 +173,31 @@ def serving(config, s: PerfSettings, refs: list) -> dict:
         engine.activate(ref)
         switches.append(1000 * (time.perf_counter() - t))
     out["adapter_switch_ms"] = _median(switches)
+
+    # A merge: x merged, then y asked twice (hybrid merges y the second time; merged mode at once).
+    merges = []
+    for i in range(max(4, s.runs)):
+        x, y = (a, b) if i % 2 else (b, a)
+        engine.activate(x)
+        engine.activate(x)
+        times = []
+        for _ in range(2):
+            t = time.perf_counter()
+            engine.activate(y)
+            times.append(1000 * (time.perf_counter() - t))
+        merges.append(times[0] if engine.serving == "merged" else times[1])
+    out["merge_ms"] = _median(merges) if engine.serving in ("merged", "hybrid") else None
     engine.activate(None)
+
+    # A user's answer by hooks, merged and in a batch beside another user's: the same text, or hybrid
+    # serving would make an answer depend on who asked before.
+    same, asked = 0, PROMPTS[:4]
+    for p in map(_chat, asked):
+        engine.generate(p, adapter=b)
+        engine.generate(p, adapter=b)  # b merged: a's next reply is by hooks
+        first, again = engine.generate(p, adapter=a), engine.generate(p, adapter=a)
+        same += first == again == engine.generate_batch([p, p], adapters=[a, b])[0]
+    out["answers_same_hooks_merged_batched"] = [same, len(asked)]
 
     # 8 users at once, 8 different adapters: total tokens/s over one user alone.
     eight = refs[:8]

@@ -225,6 +225,7 @@ PERF_ROWS = [
     ("plain_peft_ratio", "the same with plain peft (unmerged LoRA) ÷ bare base model", "(reference)", None),
     ("first_token_ms", "time to first token, ms", "", None),
     ("adapter_switch_ms", "adapter switch between cached users, ms", "≤ 20", lambda v: v <= 20),
+    ("merge_ms", "merging a user's adapter into the spare weight copies (hybrid: their second reply in a row), ms", "", None),
     ("adapter_load_ms", "adapter load from disk, ms", "", None),
     ("memory_adapters_mb", "memory for the cached users' adapters, MB (RSS growth)", "", None),
     ("mixed_adapter_batch_speedup_8", "8 users, 8 adapters at once: total tokens/s ÷ one user", "≥ 4", lambda v: v >= 4),
@@ -249,7 +250,8 @@ def _num(v) -> str:
 def perf_md(res: dict) -> str:
     lines = ["# Performance", "",
              f"Model `{res.get('model')}`, torch threads {res.get('torch_threads')}, medians of {res.get('settings', {}).get('runs')} runs; "
-             f"took {res.get('seconds', 0) / 60:.1f} min. Regenerate with `heed bench perf`.", "",
+             f"took {res.get('seconds', 0) / 60:.1f} min. Regenerate with `heed bench perf`."
+             + "".join(f" Since then `--only {k}` rerun on {v}." for k, v in (res.get("sections_rerun") or {}).items()), "",
              "| figure | value | goal | met |", "|---|---|---|---|"]
     for key, label, goal, ok in PERF_ROWS:
         v = res.get(key)
@@ -258,8 +260,11 @@ def perf_md(res: dict) -> str:
     fw, raw = res.get("feedback_writes_per_s") or {}, res.get("raw_sqlite_writes_per_s") or {}
     for n in sorted(fw, key=int):
         lines.append(f"| feedback events stored per s, {n} writer{'s' if n != '1' else ''} (raw sqlite3 insert: {_num(raw.get(n))}) | {_num(fw[n])} | | |")
+    same = res.get("answers_same_hooks_merged_batched")
     lines += ["", f"Serving `{res.get('serving')}` ({'; '.join(res.get('served_as') or [])}; spare weight copies "
-                  f"{_num(res.get('merged_copies_mb'))} MB). "
+                  f"{_num(res.get('merged_copies_mb'))} MB"
+                  + (f"; a user's answer by hooks, merged and batched the same in {same[0]} of {same[1]} questions" if same else "")
+                  + "). "
                   f"Tokens/s: base {_num(res.get('base_tokens_per_s'))}, with an adapter {_num(res.get('adapter_tokens_per_s'))}, "
                   f"plain peft {_num(res.get('plain_peft_tokens_per_s'))}; one user {_num(res.get('one_user_tokens_per_s'))}, "
                   f"8 users together {_num(res.get('eight_users_tokens_per_s'))} (in {res.get('eight_users_batches')} batch(es)), "

@@ -4,11 +4,12 @@ The engine owns one of these and calls it under its own lock (a batch that
 mixes several adapters hooks peft's layers itself: ``heed.lora_batch``). The
 base ``W0`` parameters are never written: *unmerged* serving repoints hooks,
 *merged* serving swaps in spare weight copies holding ``W0 + s·BA``, and both
-restore the bare base before anything else changes. *hybrid* (the CPU default)
-serves a user's first batch after someone else's unmerged, so switching costs
-nothing, and merges when the same user is served again: a conversation's later
-replies run at the bare model's speed, for one merge (48 ms on the embedded
-model) and spare copies of the adapted weights.
+restore the bare base before anything else changes. *hybrid* (the CPU default
+in fp32) serves a user's batch unmerged when it follows someone else's, so
+switching costs nothing, and merged when the same user is served again (or
+their merge is still in the spare copies): a conversation's later replies run
+at the bare model's speed, for one merge (``heed bench perf``: merge_ms) and
+spare copies of the adapted weights.
 """
 from __future__ import annotations
 
@@ -36,11 +37,15 @@ class AdapterLoadError(RuntimeError):
     """An adapter's files are missing or unreadable."""
 
 
-def serving_mode(model_cfg: ModelConfig, device: str) -> str:
-    """'merged', 'unmerged' or 'hybrid' for ``model.adapter_serving`` on ``device``."""
+def serving_mode(model_cfg: ModelConfig, device: str, dtype=None) -> str:
+    """'merged', 'unmerged' or 'hybrid' for ``model.adapter_serving`` on ``device`` in ``dtype``."""
     if model_cfg.adapter_serving != "auto":
         return model_cfg.adapter_serving
-    return "merged" if str(device).startswith("cuda") else "hybrid"
+    if str(device).startswith("cuda"):
+        return "merged"
+    # In half precision W0 + s·BA rounds away much of a small LoRA: a user's merged replies would drift
+    # from their first one. In fp32 they agree (tests/test_hybrid_serving.py, bench perf's check).
+    return "hybrid" if dtype is None or str(dtype) == "torch.float32" else "unmerged"
 
 
 class AdapterSlots:
@@ -151,7 +156,10 @@ class AdapterSlots:
         return self.serving == "merged"
 
     def serve_one(self, key: str) -> None:
-        """Compute with adapter ``key``: unmerged hooks, or base weights become ``W0 + s·BA`` in reused buffers."""
+        """Compute with adapter ``key``: unmerged hooks, or base weights become ``W0 + s·BA`` in reused buffers.
+
+        Which of the two: ``serving`` (hybrid: merged when ``key`` was served alone last, or is still merged).
+        """
         if self._serving_key == key and not (self._how == "hooks" and self._merges(key)):
             self._last_alone = key
             return

@@ -7,12 +7,12 @@ users share forward passes. The base ``W0`` parameters are never written: a
 user without an adapter gets bit-identical base weights.
 - One adapter in the batch, ``model.adapter_serving``: *unmerged* hooks add
   ``s·B(Ax)`` to each LoRA layer's output, and switching users only repoints
-  them (embedded model, CPU fp32, ``heed bench perf``: 0.95x the bare base
-  model's tokens/s, peft's own unmerged forward 0.87x); *merged* (the CUDA
-  default) writes ``W0 + s·BA`` into spare weight copies swapped in: no extra
-  kernels, but a switch to another user rewrites every adapted weight (15-80 ms
-  on that CPU); *hybrid* (the CPU default) serves a user's first reply after
-  someone else's unmerged and merges when they ask again (1.02x the bare model).
+  them (embedded model, CPU fp32, ``heed bench perf``: 0.95-0.99x the bare
+  model's tokens/s); *merged* (the CUDA default) writes ``W0 + s·BA`` into
+  spare weight copies swapped in: no extra kernels, but a switch to another
+  user rewrites every adapted weight (perf's merge_ms); *hybrid* (the CPU
+  default in fp32) serves a user unmerged right after someone else and merged
+  when they ask again (1.02x the bare model).
 - Several adapters in one batch: each LoRA layer adds ``s_i·B_i A_i x_i`` per
   row with two batched matmuls (``heed.lora_batch``); rows without one get zeros.
 - Half precision (bf16 on a CPU with native bf16, ``heed.hardware``): with
@@ -105,7 +105,7 @@ class Engine:
         # Fast tokenizers are not safe to call from several threads at once ("Already borrowed").
         self._tok_lock = threading.Lock()
         self.device = next(model.parameters()).device
-        self.serving = serving_mode(model_cfg, self.device.type)
+        self.serving = serving_mode(model_cfg, self.device.type, next(model.parameters()).dtype)
         self.adapters = AdapterSlots(model, model_cfg=model_cfg, serving=self.serving, lock=self._lock)
         # Half precision rounds coarsely enough that batch-mates change greedy answers (heed.invariant). On a CPU
         # only: a GPU's matmul kernels are chosen by shape in other ways a duplicated row does not pin down.

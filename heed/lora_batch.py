@@ -239,16 +239,21 @@ class MergedAdapter:
                 layer.get_base_layer().weight = self._buffers[layer]
             return
         self.held = None  # half-written buffers must never be taken for key's
-        with torch.no_grad():
-            for layer in layers:
-                w0 = self._originals[layer]
-                buf = self._buffers.get(layer)
-                if buf is None or buf.shape != w0.shape:
-                    buf = self._buffers[layer] = torch.nn.Parameter(torch.empty_like(w0), requires_grad=False)
-                a, b = layer.lora_A[key].weight, layer.lora_B[key].weight
-                torch.addmm(w0, b.to(w0.dtype), a.to(w0.dtype), alpha=layer.scaling[key], out=buf.data)
-                # A new Parameter object, not .data: a tied weight (lm_head/embeddings) must keep its own W0.
-                layer.get_base_layer().weight = buf
+        try:
+            with torch.no_grad():
+                for layer in layers:
+                    w0 = self._originals[layer]
+                    buf = self._buffers.get(layer)
+                    if buf is None or buf.shape != w0.shape:
+                        buf = self._buffers[layer] = torch.nn.Parameter(torch.empty_like(w0), requires_grad=False)
+                    a, b = layer.lora_A[key].weight, layer.lora_B[key].weight
+                    torch.addmm(w0, b.to(w0.dtype), a.to(w0.dtype), alpha=layer.scaling[key], out=buf.data)
+                    # A new Parameter object, not .data: a tied weight (lm_head/embeddings) must keep its own W0.
+                    layer.get_base_layer().weight = buf
+        except BaseException:
+            # Out of memory half-way: the layers merged so far would serve this user's LoRA to everyone after.
+            self.restore()
+            raise
         self.held = key
 
     def restore(self) -> None:

@@ -22,19 +22,25 @@ import ctypes
 import functools
 import logging
 import os
+import re
 
 log = logging.getLogger(__name__)
 
 OMP_PAUSE_SOFT = 1  # omp_pause_resource_t: release threads, keep nothing the next region must rebuild slowly
 
 
+_LIBGOMP = re.compile(r"/libgomp[^/]*\.so(\.\d+)*$")  # libgomp.so.1, libgomp.so.1.0.0, libgomp-a34b3233.so.1.0.0
+
+
 def _loaded_libgomp() -> list[str]:
     """Paths of the libgomp this process has loaded (torch's own copy first)."""
     try:
         with open("/proc/self/maps") as f:
-            paths = [line.split()[-1] for line in f if line.rstrip().endswith((".so.1", ".so")) and "libgomp" in line]
+            # address perms offset dev inode path: the path is the sixth field and may hold spaces.
+            fields = [line.rstrip("\n").split(maxsplit=5) for line in f]
     except OSError:  # not Linux: no /proc
         return []
+    paths = [f[5] for f in fields if len(f) == 6 and _LIBGOMP.search(f[5])]
     return sorted(dict.fromkeys(paths), key=lambda p: "torch" not in p)
 
 
@@ -50,6 +56,7 @@ def _pause():
             continue
         fn.argtypes, fn.restype = [ctypes.c_int], ctypes.c_int
         return fn
+    log.debug("no libgomp with omp_pause_resource_all loaded: threads keep their OpenMP pools")
     return None
 
 

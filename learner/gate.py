@@ -224,6 +224,7 @@ def _evaluate(config: HeedConfig, *, candidate_dir: str, active_dir: str | None,
               progress: Callable[[str, float], None] | None = None, model_and_tokenizer=None) -> dict:
     import torch
 
+    from heed.adapter_slots import serving_mode
     from heed.engine import AdapterRef, Engine, load_base
 
     from .packing import answer_log_probs
@@ -235,7 +236,11 @@ def _evaluate(config: HeedConfig, *, candidate_dir: str, active_dir: str | None,
     # bf16 answers ran past the token limit twice as often as fp32 ones: heed bench dtype).
     model, tokenizer = model_and_tokenizer or load_base(config)
     gen = replace(config.generation, do_sample=False, max_new_tokens=lc.gate_max_new_tokens)
-    engine = Engine(model, tokenizer, model_cfg=replace(config.model, max_cached_adapters=4), gen_cfg=gen)
+    p = next(model.parameters())
+    # The gate switches between candidate and active at every step: hybrid serving would only add spare
+    # weight copies to the learner's memory.
+    serving = "unmerged" if serving_mode(config.model, p.device.type, p.dtype) == "hybrid" else config.model.adapter_serving
+    engine = Engine(model, tokenizer, model_cfg=replace(config.model, max_cached_adapters=4, adapter_serving=serving), gen_cfg=gen)
     cand = AdapterRef("candidate", candidate_dir)
     act = AdapterRef("active", active_dir) if active_dir else None
     system = {"role": "system", "content": config.generation.system_prompt}

@@ -85,20 +85,47 @@ def test_new_weights_under_a_merged_key_are_merged_afresh(hybrid, tmp_path):
     ids = engine.prompt_ids(ASK)
     engine.activate(a)
     engine.activate(a)
-    assert engine.adapters.how == "merged"
+    assert engine.adapters.how == "merged"  # the spare copies hold a's W0 + s·BA
     engine.drop_adapter(a.key)
     other = _make_adapter(config, tmp_path / "other", 9)
     engine.activate(other)
-    engine.activate(other)
+    assert engine.adapters.how == "hooks"  # nothing merged since a's merge: the copies still hold it
     expected = _logits(engine, ids)
     engine.drop_adapter(other.key)
     same_key = AdapterRef(a.key, other.path)  # a's key, another adapter's weights (a new version in the same slot)
     engine.activate(same_key)
+    assert torch.allclose(_logits(engine, ids), expected, atol=1e-5), "served a's old merge under the reused key"
     engine.activate(same_key)
     assert engine.adapters.how == "merged"
-    assert torch.allclose(_logits(engine, ids), expected, atol=1e-5), "served a's old merge under the reused key"
+    assert torch.allclose(_logits(engine, ids), expected, atol=1e-4)
     engine.drop_adapter(a.key)
     engine.ensure_adapter(a)
+
+
+def test_a_merge_that_fails_half_way_leaves_the_bare_model(hybrid, monkeypatch):
+    import torch
+
+    _, engine, (a, b) = hybrid
+    ids = engine.prompt_ids(ASK)
+    engine.activate(None)
+    base = _logits(engine, ids)
+    engine.activate(b)
+    engine.activate(b)  # b merged: a's merge is no longer in the copies
+    engine.activate(a)
+    real_addmm, calls = torch.addmm, []
+
+    def addmm_then_fail(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 3:
+            raise RuntimeError("out of memory")
+        return real_addmm(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "addmm", addmm_then_fail)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        engine.activate(a)  # a again: merged, and the merge fails after three layers
+    monkeypatch.undo()
+    engine.activate(None)
+    assert torch.equal(_logits(engine, ids), base), "a's half-merged layers served the bare model"
 
 
 def test_a_mixed_batch_after_a_merged_user_gives_every_row_its_own_adapter(hybrid):
@@ -108,3 +135,17 @@ def test_a_mixed_batch_after_a_merged_user_gives_every_row_its_own_adapter(hybri
     assert engine.adapters.how == "merged"
     order = [a, None, b]
     assert engine.generate_batch([ASK] * 3, adapters=order) == [alone[r.key if r else None] for r in order]
+
+
+def test_auto_serving_merges_on_cuda_and_never_in_half_precision_on_a_cpu():
+    import torch
+
+    from heed.adapter_slots import serving_mode
+    from heed.config import ModelConfig
+
+    auto = ModelConfig()
+    assert serving_mode(auto, "cuda", torch.bfloat16) == "merged"
+    assert serving_mode(auto, "cpu", torch.float32) == "hybrid"
+    # bf16 W0 + s·BA rounds away much of a small LoRA: a user's merged replies would drift from the first.
+    assert serving_mode(auto, "cpu", torch.bfloat16) == "unmerged"
+    assert serving_mode(ModelConfig(adapter_serving="merged"), "cpu", torch.bfloat16) == "merged"

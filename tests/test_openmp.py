@@ -11,8 +11,8 @@ from conftest import make_config
 ASK = [{"role": "user", "content": "Say hello."}]
 
 
-def _threads() -> int:
-    return len(os.listdir("/proc/self/task"))
+def _thread_ids() -> set[str]:
+    return set(os.listdir("/proc/self/task"))
 
 
 @pytest.fixture
@@ -43,13 +43,15 @@ def _parallel_work():
 def test_giving_the_pool_back_ends_this_threads_openmp_helpers(two_torch_threads):
     from heed.openmp import give_back_pool
 
+    give_back_pool()  # start without a pool, so the helpers the work below starts are this thread's
+    before = _thread_ids()
     _parallel_work()
-    with_pool = _threads()
+    helpers = _thread_ids() - before
+    assert helpers, "two torch threads should have started an OpenMP helper thread"
     assert give_back_pool()
-    without = _threads()
-    assert without < with_pool, "the helper thread of this thread's OpenMP team is still there"
+    assert not helpers & _thread_ids(), "the helper thread of this thread's OpenMP team is still there"
     _parallel_work()  # the next parallel op makes a new pool: nothing was broken for later work
-    assert _threads() > without
+    assert _thread_ids() - before
 
 
 def test_giving_the_pool_back_twice_or_without_a_pool_is_harmless(two_torch_threads):

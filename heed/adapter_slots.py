@@ -4,12 +4,13 @@ The engine owns one of these and calls it under its own lock (a batch that
 mixes several adapters hooks peft's layers itself: ``heed.lora_batch``). The
 base ``W0`` parameters are never written: *unmerged* serving repoints hooks,
 *merged* serving swaps in spare weight copies holding ``W0 + s·BA``, and both
-restore the bare base before anything else changes. *hybrid* (the CPU default
-in fp32) serves a user's batch unmerged when it follows someone else's, so
-switching costs nothing, and merged when the same user is served again (or
-their merge is still in the spare copies): a conversation's later replies run
-at the bare model's speed, for one merge (``heed bench perf``: merge_ms) and
-spare copies of the adapted weights.
+restore the bare base before anything else changes. *hybrid* (opt-in, fp32)
+serves a user's batch unmerged when it follows someone else's, so switching
+costs nothing, and merged when the same user is served again (or their merge
+is still in the spare copies): a conversation's later replies run at the bare
+model's speed, for one merge (``heed bench perf``: merge_ms) and spare copies
+of the adapted weights. Not the default: merged and hooked sums round apart,
+so whether another user asked in between could tip a near-tie in a reply.
 """
 from __future__ import annotations
 
@@ -39,13 +40,15 @@ class AdapterLoadError(RuntimeError):
 
 def serving_mode(model_cfg: ModelConfig, device: str, dtype=None) -> str:
     """'merged', 'unmerged' or 'hybrid' for ``model.adapter_serving`` on ``device`` in ``dtype``."""
+    if model_cfg.adapter_serving == "hybrid" and dtype is not None and str(dtype) != "torch.float32":
+        # In half precision W0 + s·BA rounds away much of a small LoRA: a user's merged replies would drift
+        # from their first one.
+        return "unmerged"
     if model_cfg.adapter_serving != "auto":
         return model_cfg.adapter_serving
-    if str(device).startswith("cuda"):
-        return "merged"
-    # In half precision W0 + s·BA rounds away much of a small LoRA: a user's merged replies would drift
-    # from their first one. In fp32 they agree (tests/test_hybrid_serving.py, bench perf's check).
-    return "hybrid" if dtype is None or str(dtype) == "torch.float32" else "unmerged"
+    # Not hybrid on a CPU by default: merged and hooked sums round differently, so a user's reply could
+    # turn on whether another user asked in between.
+    return "merged" if str(device).startswith("cuda") else "unmerged"
 
 
 class AdapterSlots:

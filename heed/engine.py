@@ -10,9 +10,10 @@ user without an adapter gets bit-identical base weights.
   them (embedded model, CPU fp32, ``heed bench perf``: 0.95-0.99x the bare
   model's tokens/s); *merged* (the CUDA default) writes ``W0 + s·BA`` into
   spare weight copies swapped in: no extra kernels, but a switch to another
-  user rewrites every adapted weight (perf's merge_ms); *hybrid* (the CPU
-  default in fp32) serves a user unmerged right after someone else and merged
-  when they ask again (1.02x the bare model).
+  user rewrites every adapted weight (perf's merge_ms); *hybrid* (opt-in,
+  fp32) serves a user unmerged right after someone else and merged when they
+  ask again (0.99-1.02x the bare model), at the price of a reply's rounding
+  depending on who asked before.
 - Several adapters in one batch: each LoRA layer adds ``s_i·B_i A_i x_i`` per
   row with two batched matmuls (``heed.lora_batch``); rows without one get zeros.
 - Half precision (bf16 on a CPU with native bf16, ``heed.hardware``): with

@@ -1,4 +1,4 @@
-"""Hybrid serving (the CPU default): a user's first reply after someone else's is unmerged, the next ones merged."""
+"""Hybrid serving (``model.adapter_serving: hybrid``): a user's reply right after someone else's is unmerged, the next ones merged."""
 from __future__ import annotations
 
 import pytest
@@ -12,12 +12,12 @@ def hybrid(tiny_model_path, tmp_path_factory):
     from heed.engine import Engine
 
     root = tmp_path_factory.mktemp("hybrid")
-    config = make_config(root, tiny_model_path, model={"max_cached_adapters": 3})  # auto: hybrid on a CPU
+    config = make_config(root, tiny_model_path, model={"max_cached_adapters": 3, "adapter_serving": "hybrid"})
     adapters = [_make_adapter(config, root / f"a{i}", i) for i in (0, 4)]
     return config, Engine.load(config), adapters
 
 
-def test_auto_serving_on_a_cpu_is_hybrid(hybrid):
+def test_hybrid_serving_is_what_the_engine_was_asked_for(hybrid):
     _, engine, _ = hybrid
     assert engine.serving == "hybrid"
 
@@ -137,15 +137,17 @@ def test_a_mixed_batch_after_a_merged_user_gives_every_row_its_own_adapter(hybri
     assert engine.generate_batch([ASK] * 3, adapters=order) == [alone[r.key if r else None] for r in order]
 
 
-def test_auto_serving_merges_on_cuda_and_never_in_half_precision_on_a_cpu():
+def test_auto_serving_merges_on_cuda_and_keeps_a_cpu_on_hooks_and_hybrid_needs_fp32():
     import torch
 
     from heed.adapter_slots import serving_mode
     from heed.config import ModelConfig
 
-    auto = ModelConfig()
+    auto, hybrid = ModelConfig(), ModelConfig(adapter_serving="hybrid")
     assert serving_mode(auto, "cuda", torch.bfloat16) == "merged"
-    assert serving_mode(auto, "cpu", torch.float32) == "hybrid"
+    # A CPU default that never lets another user's request decide how a reply is computed.
+    assert serving_mode(auto, "cpu", torch.float32) == "unmerged"
+    assert serving_mode(hybrid, "cpu", torch.float32) == "hybrid"
     # bf16 W0 + s·BA rounds away much of a small LoRA: a user's merged replies would drift from the first.
-    assert serving_mode(auto, "cpu", torch.bfloat16) == "unmerged"
+    assert serving_mode(hybrid, "cpu", torch.bfloat16) == "unmerged"
     assert serving_mode(ModelConfig(adapter_serving="merged"), "cpu", torch.bfloat16) == "merged"

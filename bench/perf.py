@@ -189,15 +189,19 @@ def serving(config, s: PerfSettings, refs: list) -> dict:
     out["merge_ms"] = _median(merges) if engine.serving in ("merged", "hybrid") else None
     engine.activate(None)
 
-    # A user's answer by hooks, merged and in a batch beside another user's: the same text, or hybrid
-    # serving would make an answer depend on who asked before.
-    same, asked = 0, PROMPTS[:4]
+    # A user's answer right after another user's, asked again, and in a batch beside another user's: the same
+    # text, or an answer would depend on who asked before (hybrid: hooks, then merged).
+    same, asked, paths = 0, PROMPTS[:4], set()
     for p in map(_chat, asked):
         engine.generate(p, adapter=b)
-        engine.generate(p, adapter=b)  # b merged: a's next reply is by hooks
-        first, again = engine.generate(p, adapter=a), engine.generate(p, adapter=a)
+        engine.generate(p, adapter=b)  # hybrid: b merged, so a's next reply is by hooks
+        first = engine.generate(p, adapter=a)
+        how_first = engine.adapters.how
+        again = engine.generate(p, adapter=a)
+        paths.add(f"{how_first}, then {engine.adapters.how}, then batched")
         same += first == again == engine.generate_batch([p, p], adapters=[a, b])[0]
-    out["answers_same_hooks_merged_batched"] = [same, len(asked)]
+    out["answers_same_alone_again_batched"] = [same, len(asked)]
+    out["answers_compared"] = sorted(paths)
 
     # 8 users at once, 8 different adapters: total tokens/s over one user alone.
     eight = refs[:8]

@@ -260,10 +260,11 @@ def perf_md(res: dict) -> str:
     fw, raw = res.get("feedback_writes_per_s") or {}, res.get("raw_sqlite_writes_per_s") or {}
     for n in sorted(fw, key=int):
         lines.append(f"| feedback events stored per s, {n} writer{'s' if n != '1' else ''} (raw sqlite3 insert: {_num(raw.get(n))}) | {_num(fw[n])} | | |")
-    same = res.get("answers_same_hooks_merged_batched")
+    same = res.get("answers_same_alone_again_batched")
     lines += ["", f"Serving `{res.get('serving')}` ({'; '.join(res.get('served_as') or [])}; spare weight copies "
                   f"{_num(res.get('merged_copies_mb'))} MB"
-                  + (f"; a user's answer by hooks, merged and batched the same in {same[0]} of {same[1]} questions" if same else "")
+                  + (f"; a user's answer computed {' / '.join(res.get('answers_compared') or [])}: the same in {same[0]} of "
+                     f"{same[1]} questions" if same else "")
                   + "). "
                   f"Tokens/s: base {_num(res.get('base_tokens_per_s'))}, with an adapter {_num(res.get('adapter_tokens_per_s'))}, "
                   f"plain peft {_num(res.get('plain_peft_tokens_per_s'))}; one user {_num(res.get('one_user_tokens_per_s'))}, "

@@ -164,7 +164,6 @@ class AdapterSlots:
         Which of the two: ``serving`` (hybrid: merged when ``key`` was served alone last, or is still merged).
         """
         if self._serving_key == key and not (self._how == "hooks" and self._merges(key)):
-            self._last_alone = key
             return
         self.restore_base()
         if not self._plain[key]:

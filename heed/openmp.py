@@ -26,9 +26,7 @@ import re
 
 log = logging.getLogger(__name__)
 
-OMP_PAUSE_SOFT = 1  # omp_pause_resource_t: release threads, keep nothing the next region must rebuild slowly
-
-
+OMP_PAUSE_SOFT = 1  # omp_pause_resource_t's soft pause: libgomp ends the calling thread's pool threads
 _LIBGOMP = re.compile(r"/libgomp[^/]*\.so(\.\d+)*$")  # libgomp.so.1, libgomp.so.1.0.0, libgomp-a34b3233.so.1.0.0
 
 

@@ -124,7 +124,9 @@ def _learn(heed, uid: int) -> dict:
             "reasons": r.get("reasons") or ([r["reason"]] if r.get("reason") else []) + ([r["error"]] if r.get("error") else []),
             "n_train_new": r.get("n_train_new"), "n_carried": r.get("n_carried"), "n_replay": r.get("n_replay"), "n_heldout": r.get("n_heldout"),
             "reward_accuracy": gate.get("implicit_reward_accuracy"), "gate_degenerate": gate.get("degenerate_candidate"),
-            "gate_kl": gate.get("kl_from_base")}
+            "gate_kl": gate.get("kl_from_base"), "gate_cutoff": gate.get("cutoff_candidate"),
+            "gate_cutoff_active": gate.get("cutoff_active"), "gate_cutoff_base": gate.get("cutoff_base"),
+            "rows": r.get("rows")}
 
 
 class Track:

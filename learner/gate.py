@@ -9,6 +9,9 @@ on the user's held-out contexts plus a fixed set of probe prompts:
   than ``gate_max_cutoff_increase`` (a looser bound than for degeneration: a
   user who wants longer answers legitimately gets more of them cut at the
   gate's limit, which is shorter than the serving one);
+- both bounds hold against the base model too (``gate_bounds_from_base``):
+  runs that each rise a little against the adapter before them cannot add up
+  past a bound;
 - drift: per-token KL(candidate || base) on the candidate's probe answers;
 - the likelihood of the user's held-out chosen answers, candidate vs active: a
   loose bound (``gate_min_logp_gain``), because DPO lowers held-out chosen
@@ -184,6 +187,32 @@ def _judge(outs: list[tuple[str, bool]], contexts: list[list[dict]]) -> tuple[fl
     return len(reasons) / n, cut / n, reasons
 
 
+def share_refusals(*, candidate: tuple[float, float], active: tuple[float, float], base: tuple[float, float] | None,
+                   n: int, why: list[str], config: LearnerConfig) -> list[str]:
+    """Why the candidate's (degenerate, cut-off) answer shares refuse it: a rise from the active adapter's, else from the base's.
+
+    ``base`` None: the active adapter is the base model (or the bounds from the base are off).
+    """
+    lc = config
+    olds = [(active, "")] + ([(base, " the base model's")] if base is not None else [])
+
+    def degenerate(old: float) -> bool:
+        # A share and a count: with a couple of dozen answers one odd answer is noise, a rising share is not.
+        rise = candidate[0] - old
+        return rise > lc.gate_max_degenerate_increase and round(rise * n) >= lc.gate_min_degenerate_answers
+
+    reasons = []
+    for (deg, _), name in olds:
+        if degenerate(deg):
+            reasons.append(f"degenerate answers rose from{name} {deg:.0%} to {candidate[0]:.0%} ({', '.join(sorted(set(why)))})")
+            break
+    for (_, cut), name in olds:
+        if candidate[1] - cut > lc.gate_max_cutoff_increase:
+            reasons.append(f"answers that never end rose from{name} {cut:.0%} to {candidate[1]:.0%}")
+            break
+    return reasons
+
+
 def likelihood_refusal(gain: float | None, n_gain: int, margin: float | None, n_margin: int, *,
                        config: LearnerConfig) -> str | None:
     """Why the held-out likelihood refuses a candidate, or None.
@@ -252,6 +281,12 @@ def _evaluate(config: HeedConfig, *, candidate_dir: str, active_dir: str | None,
     act_file = Path(active_dir) / gate_cache.ANSWERS_FILE if active_dir else config.adapters_path / gate_cache.BASE_ANSWERS_FILE
     act_known = gate_cache.read(act_file, settings)
     act_missing = [i for i, k in enumerate(keys) if k not in act_known]
+    # The base model's answers for the bounds from the base: the active adapter's when it is the base; else the
+    # shared file's, generating only contexts no earlier run answered with the base (a user's newer held-out ones).
+    base_file = config.adapters_path / gate_cache.BASE_ANSWERS_FILE
+    from_base = lc.gate_bounds_from_base and active_dir is not None
+    base_known = gate_cache.read(base_file, settings) if from_base else {}
+    base_missing = [i for i, k in enumerate(keys) if k not in base_known] if from_base else []
     if progress:
         progress("gate", 0.05)
     # One generate call for the candidate's answers and the active adapter's missing ones (rows with different
@@ -259,19 +294,24 @@ def _evaluate(config: HeedConfig, *, candidate_dir: str, active_dir: str | None,
     # times (reading the weights dominates). Measured on the embedded model (no adapter, 48 tokens, one thread): 48 answers took
     # 84 s in batches of 8, 30 s in one.
     t0 = time.perf_counter()
-    todo = [(cand, i) for i in range(len(chats))] + [(act, i) for i in act_missing]
+    todo = [(cand, i) for i in range(len(chats))] + [(act, i) for i in act_missing] + [(None, i) for i in base_missing]
     got = engine.generate_batch([chats[i] for _, i in todo], adapters=[ref for ref, _ in todo], with_finish=True)
     cand_out = got[:len(chats)]
-    act_new = dict(zip(act_missing, got[len(chats):]))
+    act_new = dict(zip(act_missing, got[len(chats):len(chats) + len(act_missing)]))
+    base_new = dict(zip(base_missing, got[len(chats) + len(act_missing):]))
     if progress:
         progress("gate", 0.9)
     act_out = [act_new[i] if i in act_new else tuple(act_known[keys[i]]) for i in range(len(chats))]
     gate_cache.write(Path(candidate_dir) / gate_cache.ANSWERS_FILE, settings, dict(zip(keys, map(list, cand_out))))
     if not active_dir:
         gate_cache.add_to_base(act_file, settings, act_known, {keys[i]: list(a) for i, a in act_new.items()})
+    elif base_new:
+        gate_cache.add_to_base(base_file, settings, base_known, {keys[i]: list(a) for i, a in base_new.items()})
     timings = {"generate_s": time.perf_counter() - t0}
     deg_c, cut_c, why_c = _judge(cand_out, contexts)
     deg_a, cut_a, _ = _judge(act_out, contexts)
+    base_out = [base_new[i] if i in base_new else tuple(base_known[keys[i]]) for i in range(len(chats))] if from_base else act_out
+    deg_b, cut_b, _ = _judge(base_out, contexts)
 
     t1 = time.perf_counter()
     with torch.inference_mode():
@@ -302,13 +342,8 @@ def _evaluate(config: HeedConfig, *, candidate_dir: str, active_dir: str | None,
     gain = sum(gains) / len(gains) if gains else None
     margin = sum(margins) / len(margins) if margins else None
 
-    reasons = []
-    n = len(contexts)
-    # A share and a count: with a couple of dozen answers one odd answer is noise, a rising share is not.
-    if deg_c - deg_a > lc.gate_max_degenerate_increase and round((deg_c - deg_a) * n) >= lc.gate_min_degenerate_answers:
-        reasons.append(f"degenerate answers rose from {deg_a:.0%} to {deg_c:.0%} ({', '.join(sorted(set(why_c)))})")
-    if cut_c - cut_a > lc.gate_max_cutoff_increase:
-        reasons.append(f"answers that never end rose from {cut_a:.0%} to {cut_c:.0%}")
+    reasons = share_refusals(candidate=(deg_c, cut_c), active=(deg_a, cut_a), base=(deg_b, cut_b) if from_base else None,
+                             n=len(contexts), why=why_c, config=lc)
     if kl > lc.gate_max_kl:
         reasons.append(f"drift from the base KL {kl:.2f} > {lc.gate_max_kl}")
     why = likelihood_refusal(gain, len(gains), margin, len(margins), config=lc)
@@ -326,11 +361,14 @@ def _evaluate(config: HeedConfig, *, candidate_dir: str, active_dir: str | None,
         "n_contexts": len(contexts),
         "n_heldout_contexts": n_own,
         "active_answers_generated": len(act_new),
+        "base_answers_generated": len(base_new),
         "heldout_scored": {role: len(v) for role, v in held["scored"].items()},
         "degenerate_candidate": deg_c,
         "degenerate_active": deg_a,
         "cutoff_candidate": cut_c,
         "cutoff_active": cut_a,
+        "degenerate_base": deg_b,
+        "cutoff_base": cut_b,
         "mean_words_candidate": words(cand_out),
         "mean_words_active": words(act_out),
         "kl_from_base": kl,

@@ -49,11 +49,14 @@ class _Rows:
     def __init__(self, tokenizer, system: str, max_length: int, *, extension_pairs: str = "dpo") -> None:
         self.tokenizer, self.system, self.max_length = tokenizer, system, max_length
         self.extension_pairs = extension_pairs
+        self.cut = 0  # rows whose longest answer trl will cut at max_length (the prompt kept its half)
 
     def prompt(self, ex: dict, *answers: str) -> list[dict]:
         longest = max(len(self.tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers) + 4
         budget = max(self.max_length - longest, self.max_length // 2)
-        return fit_prompt(self.tokenizer, [{"role": "system", "content": self.system}, *ex["prompt"]], budget=budget)
+        msgs = fit_prompt(self.tokenizer, [{"role": "system", "content": self.system}, *ex["prompt"]], budget=budget)
+        self.cut += len(_ids(self.tokenizer, msgs)) + longest > self.max_length
+        return msgs
 
     @staticmethod
     def copies(ex: dict) -> int:

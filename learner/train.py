@@ -237,7 +237,7 @@ def _train(config: HeedConfig, *, init_adapter: str | None, dpo_pairs: list[dict
     total = _steps(len(dpo_rows), config) + _steps(len(prefer_rows), config, "prefer") + _steps(len(kto_rows), config, "kto")
     initial = _snapshot(model) if lc.reference == "previous" and init_adapter else {}
     phases = (("kto", kto_rows), ("prefer", prefer_rows), ("dpo", dpo_rows))
-    metrics: dict = {"dpo_rows": len(dpo_rows), "prefer_rows": len(prefer_rows), "kto_rows": len(kto_rows),
+    metrics: dict = {"dpo_rows": len(dpo_rows), "prefer_rows": len(prefer_rows), "kto_rows": len(kto_rows), "rows_cut": rows.cut,
                      "torch_threads": torch.get_num_threads(), "reference": lc.reference, "paired_loss": lc.paired_loss,
                      "continued_from": init_adapter, "phases": [p for p, rows_ in phases if rows_]}
     scratch = out_dir / "trainer"

@@ -183,3 +183,43 @@ def test_held_out_scores_kept_from_before_give_the_same_figures(trained):
     assert again["scored"]["base"] == {} and again["scored"]["candidate"].keys() == fresh["scores"]["candidate"].keys() - one.keys()
     assert again["gains"] == pytest.approx(fresh["gains"], abs=1e-4)
     assert again["margins"] == pytest.approx(fresh["margins"], abs=1e-4) and again["correct"] == fresh["correct"]
+
+
+@pytest.mark.parametrize("candidate, active, base, refused", [
+    ((0.0, 0.46), (0.0, 0.04), None, "never end rose from 4%"),                      # asks-back at 4 events: against the base
+    ((0.0, 0.50), (0.0, 0.28), (0.0, 0.04), "never end rose from the base model's 4%"),  # under the bound step by step
+    ((0.0, 0.50), (0.0, 0.28), None, None),                                           # the bounds from the base off
+    ((0.0, 0.20), (0.0, 0.10), (0.0, 0.04), None),                                    # inside both bounds
+    ((0.30, 0.0), (0.20, 0.0), (0.0, 0.0), "degenerate answers rose from the base model's 0%"),
+    ((0.30, 0.0), (0.0, 0.0), (0.0, 0.0), "degenerate answers rose from 0%"),         # one reason per share
+])
+def test_degenerate_and_cut_off_shares_are_bounded_from_the_active_adapter_and_from_the_base(candidate, active, base, refused):
+    from heed.config import LearnerConfig
+    from learner.gate import share_refusals
+
+    reasons = share_refusals(candidate=candidate, active=active, base=base, n=24, why=["repetitive"], config=LearnerConfig())
+    assert len(reasons) == (refused is not None), reasons
+    if refused:
+        assert refused in reasons[0], reasons
+
+
+def test_the_bounds_from_the_base_answer_new_contexts_with_the_base_once(trained):
+    h, uid, first = trained
+    # The first run judged against the base itself: nothing more to generate, the same shares.
+    assert first["gate"]["base_answers_generated"] == 0
+    assert first["gate"]["cutoff_base"] == first["gate"]["cutoff_active"]
+    assert first["gate"]["degenerate_base"] == first["gate"]["degenerate_active"] == 1.0  # the tiny base's blank lines
+    edit_answers(h, uid, [AGAIN] * 12, questions=[f"another question {i}" for i in range(12)])
+    second = learn_user(h.config, h.store, user_id=uid)
+    new_contexts = second["gate"]["n_heldout_contexts"] - first["gate"]["n_heldout_contexts"]
+    # Against v1 now: the base answers only the held-out contexts no earlier run showed it, and keeps them.
+    assert 0 < second["gate"]["base_answers_generated"] <= new_contexts
+    assert second["gate"]["degenerate_base"] == 1.0
+    active = h.store.active_adapter(user_id=uid)["path"]
+    heldout = [p for p in h.store.list_pairs(user_id=uid, split="heldout") if p["kind"] != "sft"]
+    again = evaluate(h.config, candidate_dir=active, active_dir=active, heldout=heldout)
+    assert again["base_answers_generated"] == 0
+    off = replace(h.config, learner=replace(h.config.learner, gate_bounds_from_base=False))
+    edit_answers(h, uid, [GOOD] * 4, questions=[f"a third question {i}" for i in range(4)])
+    third = evaluate(off, candidate_dir=active, active_dir=active, heldout=h.store.list_pairs(user_id=uid, split="heldout"))
+    assert third["base_answers_generated"] == 0 and third["cutoff_base"] == third["cutoff_active"]

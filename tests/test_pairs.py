@@ -252,6 +252,22 @@ def test_an_edits_weight_becomes_that_many_training_rows(tiny_model_path):
     assert len(rows.dpo([{**pair, "weight": 2.0}, {**pair, "weight": 1.0}])) == 3
 
 
+def test_rows_that_trl_will_cut_at_max_length_are_counted(tiny_model_path):
+    from transformers import AutoTokenizer
+
+    from learner.rows import _Rows
+
+    rows = _Rows(AutoTokenizer.from_pretrained(tiny_model_path), "Be brief.", 128)
+    short = {"prompt": [{"role": "user", "content": "Hi"}], "chosen": "Hello.", "rejected": "Hello hello."}
+    rows.dpo([short])
+    rows.kto([{"prompt": short["prompt"], "completion": "Hello.", "label": 1}])
+    assert rows.cut == 0
+    long = " ".join(f"word{i}" for i in range(200))
+    rows.dpo([{**short, "rejected": long, "weight": 2.0}])  # one row counted, however many copies train
+    rows.kto([{"prompt": short["prompt"], "completion": long, "label": 0}])
+    assert rows.cut == 2
+
+
 def test_a_pick_is_preferred_but_not_imitated_unless_the_user_also_votes_it_up(h):
     uid = h.add_user("alice", "pw")
     first, second = two_answers(h, uid, "Name a colour", "Blue.")

@@ -160,3 +160,42 @@ def test_answers_scored_together_get_the_log_probs_each_gets_alone(tiny_model_pa
             for (ids, start), want, got, got_full in zip(sequences, alone, picked, full):
                 assert torch.allclose(got_full, want, atol=1e-5)
                 assert torch.allclose(got, want.gather(-1, torch.tensor(ids[start:])[:, None])[:, 0], atol=1e-5)
+
+
+def test_an_examples_copies_train_in_one_batch_and_every_copy_still_counts():
+    import random
+
+    from learner.rows import copies_together
+
+    rows = []
+    for i in range(7):
+        row = {"id": i}
+        rows += [row] * (2 if i % 2 else 1)  # _Rows.copies: an edit's copies side by side
+    order = copies_together(rows, batch_size=2, epochs=3, rng=random.Random(0))
+    assert sorted(r["id"] for r in order) == sorted(r["id"] for r in rows * 3)
+    batches = [order[i:i + 2] for i in range(0, len(order), 2)]
+    split = [b for b in batches if len(b) == 2 and b[0] is not b[1] and any(r["id"] % 2 for r in b)]
+    assert not split, "a weighted example's copies share their batch"
+    assert order == copies_together(rows, batch_size=2, epochs=3, rng=random.Random(0))
+    assert order != copies_together(rows, batch_size=2, epochs=3, rng=random.Random(1))
+    wide = copies_together(rows, batch_size=4, epochs=2, rng=random.Random(0))
+    for b in (wide[i:i + 4] for i in range(0, len(wide) - 4, 4)):  # all but the last batch are whole
+        assert len(b) == 4 and all(sum(r is x for x in b) == rows.count(r) for r in b if r["id"] % 2)
+
+
+def test_copies_in_one_batch_take_the_same_steps_on_fewer_tokens(tmp_path, tiny_model_path):
+    from dataclasses import replace
+
+    from learner.train import train_adapter
+    from learner_util import learner_config
+
+    config = learner_config(tmp_path, tiny_model_path, epochs=3, batch_size=2, dtype="float32")
+    long = " ".join(f"word{j}" for j in range(30))  # answers longer than what every row shares (the system prompt)
+    pairs = [{"prompt": [{"role": "user", "content": f"question {i}"}], "chosen": f"My edit {i}, as I want it: {long}",
+              "rejected": f"An answer {i} I did not want: {long}", "weight": 2.0} for i in range(4)]
+    runs = {}
+    for together in (False, True):
+        c = replace(config, learner=replace(config.learner, copies_in_one_batch=together))
+        runs[together] = train_adapter(c, init_adapter=None, dpo_pairs=pairs, kto_examples=[], out_dir=tmp_path / str(together))
+    assert runs[True]["dpo_steps"] == runs[False]["dpo_steps"] == 12
+    assert runs[True]["packed_tokens"] < 0.75 * runs[False]["packed_tokens"], (runs[True]["packed_tokens"], runs[False]["packed_tokens"])

@@ -114,7 +114,6 @@ class LearnerConfig:
     extension_pairs: str = _f("dpo", "A pair whose chosen answer is the rejected one plus an addition (a question, a sign-off): 'dpo' trains it as any pair; 'sft' by the SFT term alone (there DPO can only learn 'do not stop here'). Ignored with paired_loss 'kto'.")
     edit_weight: float = _f(1.0, "How many times an edit's pair and answer count against a vote's or a pick's: the user wrote that answer (rounded to copies).")
     shared_prefixes: bool = _f(True, "Compute what a batch's rows share (the prompt, an answer an edit repeats) once, as a token tree: the same numbers up to float rounding, fewer tokens (learner/packing.py).")
-    copies_in_one_batch: bool = _f(True, "An example that counts more than once (an edit) trains as copies in one batch, where the token tree (shared_prefixes) computes them once: the same weight, fewer tokens.")
     precompute_reference: bool = _f(True, "Score the DPO pairs under the reference once before training, not at every step (the same numbers, a quarter fewer forward passes over 3 epochs).")
     reference: str = _f("base", "DPO/KTO reference: 'base' (the adapter disabled) or 'previous' (a frozen copy of the active adapter).")
     paired_loss: str = _f("dpo", "How pairs train: 'dpo' (DPO + SFT term; unpaired examples get a KTO pass after) or 'kto' (each pair split into a good and a bad example; one KTO pass for all).")

@@ -88,46 +88,6 @@ class _Rows:
         return rows
 
 
-def copies_together(rows: list[dict], *, batch_size: int, epochs: int, rng) -> list[dict]:
-    """The rows of ``epochs`` passes in training order (to be read in order), every example's copies in one batch.
-
-    ``rows`` holds each example's copies side by side (``_Rows.copies``). In one
-    batch the learner's token tree computes identical rows once, and the
-    gradient still counts each copy, as when they train in different batches.
-    Each pass shuffles the examples and fills whole batches first fit; what
-    fills no whole batch waits for the end of the last pass.
-    """
-    groups: list[list[dict]] = []
-    for row in rows:
-        if groups and groups[-1][0] is row and len(groups[-1]) < batch_size:
-            groups[-1].append(row)
-        else:
-            groups.append([row])
-    order: list[dict] = []
-    spill: list[list[dict]] = []
-    for _ in range(epochs):
-        shuffled = list(groups)
-        rng.shuffle(shuffled)
-        batches: list[list[dict]] = []
-        for g in shuffled:
-            room = next((b for b in batches if len(b) + len(g) <= batch_size), None)
-            if room is None:
-                batches.append(list(g))
-            else:
-                room.extend(g)
-        for b in batches:
-            (order.extend(b) if len(b) == batch_size else spill.append(b))
-    tail: list[list[dict]] = []
-    for part in sorted(spill, key=len, reverse=True):
-        room = next((b for b in tail if len(b) + len(part) <= batch_size), None)
-        if room is None:
-            tail.append(list(part))
-        else:
-            room.extend(part)
-    tail.sort(key=len, reverse=True)  # a part-filled batch goes last, where it breaks no batch after it
-    return order + [r for b in tail for r in b]
-
-
 def as_kto(pairs: list[dict]) -> list[dict]:
     """Each pair as two unpaired examples: chosen desirable, rejected undesirable."""
     out = []

@@ -13,7 +13,6 @@ pair into a desirable and an undesirable example and trains one KTO pass.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
@@ -27,7 +26,7 @@ from typing import Callable
 from heed.config import HeedConfig
 
 from .packing import shared_prefixes
-from .rows import _Rows, as_kto, copies_together, kto_weights, split_imitated
+from .rows import _Rows, as_kto, kto_weights, split_imitated
 
 log = logging.getLogger(__name__)
 
@@ -102,22 +101,14 @@ def precompute_reference(trainer) -> None:
 
     ds, bs = trainer.train_dataset, trainer.args.per_device_train_batch_size
     device = trainer.accelerator.device
-    rows = [ds[j] for j in range(len(ds))]
-    # Each distinct row once: an example's copies (and with copies_in_one_batch, every pass) repeat rows.
-    keys = [json.dumps(r, sort_keys=True, default=str) for r in rows]
-    first: dict[str, int] = {}
-    for j, k in enumerate(keys):
-        first.setdefault(k, j)
-    unique = list(first.values())
-    scores: dict[str, tuple[float, float]] = {}
-    for i in range(0, len(unique), bs):
-        todo = unique[i:i + bs]
-        batch = trainer.data_collator([rows[j] for j in todo])
+    chosen, rejected = [], []
+    for i in range(0, len(ds), bs):
+        batch = trainer.data_collator([ds[j] for j in range(i, min(i + bs, len(ds)))])
         batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         c, r = trainer.compute_ref_log_probs(trainer.model, batch)
-        scores.update((keys[j], pair) for j, pair in zip(todo, zip(c.float().cpu().tolist(), r.float().cpu().tolist())))
-    trainer.train_dataset = ds.add_column("ref_chosen_logps", [scores[k][0] for k in keys]).add_column(
-        "ref_rejected_logps", [scores[k][1] for k in keys])
+        chosen += c.float().cpu().tolist()
+        rejected += r.float().cpu().tolist()
+    trainer.train_dataset = ds.add_column("ref_chosen_logps", chosen).add_column("ref_rejected_logps", rejected)
     trainer.precompute_ref_logps = True
 
 
@@ -260,10 +251,6 @@ def _train(config: HeedConfig, *, init_adapter: str | None, dpo_pairs: list[dict
             continue
         cb = _callback(progress, keepalive, done, total)
         common = _args(config, str(scratch), len(data), phase)
-        if phase != "kto" and lc.copies_in_one_batch:
-            # Not for KTO: it pairs a batch's neighbours for its KL estimate, and copies would pair with themselves.
-            data = copies_together(data, batch_size=common["per_device_train_batch_size"], epochs=common["num_train_epochs"], rng=rng)
-            common.update(num_train_epochs=1, train_sampling_strategy="sequential")
         if phase in ("dpo", "prefer"):
             sft = phase == "dpo" and lc.sft_weight > 0
             losses = ([] if lc.dpo_loss == "none" else [(lc.dpo_loss, 1.0)]) + ([("sft", lc.sft_weight)] if sft else [])

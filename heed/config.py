@@ -119,7 +119,9 @@ class LearnerConfig:
     paired_loss: str = _f("dpo", "How pairs train: 'dpo' (DPO + SFT term; unpaired examples get a KTO pass after) or 'kto' (each pair split into a good and a bad example; one KTO pass for all).")
     kto_weight_balance: bool = _f(True, "Weigh KTO's desirable/undesirable losses so both labels count equally however many of each there are.")
     dtype: str = _f("auto", "Base weights dtype while training (LoRA weights stay fp32; the gate judges in model.dtype): 'auto' (bf16 where the GPU or CPU computes it natively, else fp32), 'model' (model.dtype), float32 or bfloat16.")
-    max_length: int = _f(256, "Prompt + answer tokens kept per example; the oldest turns of a long context are dropped first.")
+    # Room for a whole answer at the serving limit (256 new tokens) plus its prompt: at 256, trl cut the end off 1-4 of
+    # the 4-24 examples of every benchmark run (a long rejected answer's tail: where it failed to ask back or sign off).
+    max_length: int = _f(512, "Prompt + answer tokens kept per example; the oldest turns of a long context are dropped first.")
     replay_size: int = _f(16, "Older training pairs replayed with each run (bounds cost as history grows).")
     heldout_fraction: float = _f(0.2, "Share of each user's answers whose feedback is kept out of training for the gate.")
     seed: int = _f(0, "Seed for replay sampling, splits and training.")

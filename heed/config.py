@@ -139,9 +139,9 @@ class LearnerConfig:
     # At 160 tokens the base model's answers were cut 4% of the time; an asks-back candidate at 46% was 41% degenerate
     # at the serving limit, a signs-off one at 21% only 6%.
     gate_max_cutoff_increase: float = _f(0.25, "Refuse when the share of answers that never end (cut at gate_max_new_tokens) rises by more than this.")
-    # Against the active adapter alone, runs that each stay under a bound could add up past it. (In benchmark draw 0 it
-    # refused nothing: asks-back's 16-event adapter, 38% of its held-out answers cut at 256 tokens, had 21% of the
-    # gate's answers cut at 160, the base 4%; the gate's probes are short factual questions.)
+    # Against the active adapter alone, runs that each stay under a bound add up past it: in benchmark draw 0 asks-back's
+    # 16-event candidate cut 38% of the gate's answers, the adapter before it 29%, the base 4%. Refused, that user kept
+    # 59% of held-out answers accepted; promoted (max_length 256, one run earlier), it fell to 44%, 38% degenerate.
     gate_bounds_from_base: bool = _f(True, "The degeneration and cut-off bounds hold against the base model too, not only the active adapter (runs each under a bound cannot add up past it).")
     gate_max_kl: float = _f(2.0, "Refuse when per-token KL from the base on probe prompts exceeds this (nats).")
     # DPO lowers held-out chosen likelihood by 0.1-0.4 nats/token even when answers get better: every candidate

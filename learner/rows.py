@@ -49,7 +49,7 @@ class _Rows:
     def __init__(self, tokenizer, system: str, max_length: int, *, extension_pairs: str = "dpo") -> None:
         self.tokenizer, self.system, self.max_length = tokenizer, system, max_length
         self.extension_pairs = extension_pairs
-        self.cut = 0  # rows whose longest answer trl will cut at max_length (the prompt kept its half)
+        self.cut = 0  # examples whose longest answer trl will cut at max_length, even with the prompt trimmed
 
     def prompt(self, ex: dict, *answers: str) -> list[dict]:
         longest = max(len(self.tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers) + 4

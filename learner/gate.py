@@ -193,13 +193,12 @@ def share_refusals(*, candidate: tuple[float, float], active: tuple[float, float
 
     ``base`` None: the active adapter is the base model (or the bounds from the base are off).
     """
-    lc = config
     olds = [(active, "")] + ([(base, " the base model's")] if base is not None else [])
 
     def degenerate(old: float) -> bool:
         # A share and a count: with a couple of dozen answers one odd answer is noise, a rising share is not.
         rise = candidate[0] - old
-        return rise > lc.gate_max_degenerate_increase and round(rise * n) >= lc.gate_min_degenerate_answers
+        return rise > config.gate_max_degenerate_increase and round(rise * n) >= config.gate_min_degenerate_answers
 
     reasons = []
     for (deg, _), name in olds:
@@ -207,7 +206,7 @@ def share_refusals(*, candidate: tuple[float, float], active: tuple[float, float
             reasons.append(f"degenerate answers rose from{name} {deg:.0%} to {candidate[0]:.0%} ({', '.join(sorted(set(why)))})")
             break
     for (_, cut), name in olds:
-        if candidate[1] - cut > lc.gate_max_cutoff_increase:
+        if candidate[1] - cut > config.gate_max_cutoff_increase:
             reasons.append(f"answers that never end rose from{name} {cut:.0%} to {candidate[1]:.0%}")
             break
     return reasons

@@ -219,7 +219,12 @@ def test_the_bounds_from_the_base_answer_new_contexts_with_the_base_once(trained
     heldout = [p for p in h.store.list_pairs(user_id=uid, split="heldout") if p["kind"] != "sft"]
     again = evaluate(h.config, candidate_dir=active, active_dir=active, heldout=heldout)
     assert again["base_answers_generated"] == 0
+    # A context the base never answered: generated once with the bounds on; with them off, never, and the
+    # "base" shares are the active adapter's (v1 answers sensibly, the tiny base never does).
+    fresh = heldout + [{"prompt": [{"role": "user", "content": "a question nobody asked yet"}], "chosen": GOOD, "rejected": "Ok"}]
     off = replace(h.config, learner=replace(h.config.learner, gate_bounds_from_base=False))
-    edit_answers(h, uid, [GOOD] * 4, questions=[f"a third question {i}" for i in range(4)])
-    third = evaluate(off, candidate_dir=active, active_dir=active, heldout=h.store.list_pairs(user_id=uid, split="heldout"))
-    assert third["base_answers_generated"] == 0 and third["cutoff_base"] == third["cutoff_active"]
+    skipped = evaluate(off, candidate_dir=active, active_dir=active, heldout=fresh)
+    assert skipped["base_answers_generated"] == 0
+    assert skipped["degenerate_base"] == skipped["degenerate_active"] < 1.0
+    on = evaluate(h.config, candidate_dir=active, active_dir=active, heldout=fresh)
+    assert on["base_answers_generated"] == 1 and on["degenerate_base"] == 1.0

@@ -1,4 +1,4 @@
-"""`heed bench personalize|perf|load|gate-audit|dtype|recipes|correction-phrasing|report`: every command takes --out FILE and --config FILE."""
+"""`heed bench personalize|perf|load|gate-audit|rejudge|dtype|recipes|correction-phrasing|report`: every command takes --out FILE and --config FILE."""
 from __future__ import annotations
 
 import importlib.util
@@ -9,6 +9,7 @@ COMMANDS = {
     "perf": ("bench.perf", "serving and store speed against the plain libraries"),
     "load": ("bench.load", "many users at once against a running server"),
     "gate-audit": ("bench.gate_audit", "after a kept personalize run: was each gate refusal right?"),
+    "rejudge": ("bench.rejudge", "after a kept personalize run: its adapters judged again under other generation settings"),
     "dtype": ("bench.dtype", "bf16 against fp32 here: learner and generation speed, batch invariance"),
     "recipes": ("bench.recipes", "learner recipes compared on one fixed set of collected feedback"),
     "correction-phrasing": ("bench.correction_phrasing", "which wording of an in-session correction the model follows"),

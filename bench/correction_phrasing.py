@@ -56,7 +56,7 @@ def guided(engine, chat: list[dict], plain: list[dict], scale: float) -> tuple[s
     negative = torch.tensor([engine.prompt_ids(plain)], device=engine.device)
     with torch.inference_mode():
         out = engine.base.generate(ids, attention_mask=torch.ones_like(ids), guidance_scale=scale, negative_prompt_ids=negative,
-                                   **engine._gen_kwargs(gen, gen.max_new_tokens))
+                                   **engine._gen_kwargs(gen, gen.max_new_tokens, prompt_width=ids.shape[1]))
     new = out[0, ids.shape[1]:].tolist()
     finished = engine.tokenizer.eos_token_id in new
     return engine.tokenizer.decode(new, skip_special_tokens=True), finished

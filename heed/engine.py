@@ -41,7 +41,7 @@ from .adapter_slots import AdapterLoadError, AdapterRef, AdapterSlots, serving_m
 from .config import GenerationConfig, HeedConfig, ModelConfig
 from .hardware import contiguous_head_input, pick_device_dtype
 from .invariant import use_row_attention
-from .lora_batch import BatchStreamer, Row, RowStop, mixed_lora, sparing_penalty
+from .lora_batch import BatchStreamer, Row, RowStop, answer_penalty, mixed_lora, sparing_penalty
 from .openmp import give_back_pool
 
 log = logging.getLogger(__name__)
@@ -93,7 +93,8 @@ def render(tokenizer, messages: list[dict], *, max_tokens: int) -> list[int]:
 
 def _gen_key(gen: GenerationConfig) -> tuple:
     # Requests batch together only when they decode the same way (one seed per batch).
-    return (gen.do_sample, gen.temperature, gen.top_p, gen.repetition_penalty, gen.penalize_end_of_turn, gen.seed if gen.do_sample else None)
+    return (gen.do_sample, gen.temperature, gen.top_p, gen.repetition_penalty, gen.penalize_end_of_turn, gen.penalty_counts_prompt,
+            gen.seed if gen.do_sample else None)
 
 
 class Engine:
@@ -147,8 +148,9 @@ class Engine:
         self.adapters.activate(ref)
 
     # -- generation ---------------------------------------------------------
-    def _gen_kwargs(self, gen: GenerationConfig, max_new_tokens: int, *, padding=None) -> dict:
-        """generate()'s keywords; ``padding``: each row's left padding (None: no row is padded)."""
+    def _gen_kwargs(self, gen: GenerationConfig, max_new_tokens: int, *, padding=None, prompt_width: int | None = None) -> dict:
+        """generate()'s keywords; ``padding``: each row's left padding (None: no row is padded); ``prompt_width``:
+        the (left-padded) prompt's length, where the answer starts."""
         kw = dict(
             max_new_tokens=max_new_tokens,
             do_sample=gen.do_sample,
@@ -156,7 +158,14 @@ class Engine:
             pad_token_id=self.tokenizer.pad_token_id,
             eos_token_id=self.tokenizer.eos_token_id,
         )
-        if gen.repetition_penalty != 1.0 and not gen.penalize_end_of_turn:
+        if gen.repetition_penalty != 1.0 and not gen.penalty_counts_prompt:
+            from transformers import LogitsProcessorList
+
+            if prompt_width is None:
+                raise ValueError("a penalty on the answer alone needs to know where the answer starts (prompt_width)")
+            eot = [self.tokenizer.eos_token_id] if gen.penalize_end_of_turn else []
+            kw.update(repetition_penalty=1.0, logits_processor=LogitsProcessorList([answer_penalty(gen.repetition_penalty, prompt_width, eot)]))
+        elif gen.repetition_penalty != 1.0 and not gen.penalize_end_of_turn:
             from transformers import LogitsProcessorList
 
             spare = sparing_penalty(gen.repetition_penalty, [self.tokenizer.eos_token_id], padding)
@@ -211,7 +220,7 @@ class Engine:
                 # The copy's tokens are the row's own; the streamer and RowStop read only the real row.
                 input_ids, mask, adapters = input_ids.repeat(2, 1), mask.repeat(2, 1), adapters * 2
             streamer = BatchStreamer(live, self.tokenizer, on_finish=self._count, lock=self._tok_lock)
-            kw = self._gen_kwargs(gen, max(r.max_new for r in live), padding=(mask == 0).sum(dim=1))
+            kw = self._gen_kwargs(gen, max(r.max_new for r in live), padding=(mask == 0).sum(dim=1), prompt_width=width)
             self.batches_run += 1
             try:
                 with torch.inference_mode():

@@ -144,6 +144,37 @@ def sparing_penalty(penalty: float, spare: list[int], padding=None):
     return SparingRepetitionPenalty()
 
 
+def answer_penalty(penalty: float, prompt_width: int, always: list[int] = ()):
+    """A repetition penalty on what the answer itself already said, not on the prompt.
+
+    transformers' penalty counts every prompt token, so an answer pays for using
+    the question's own words: the subject it is asked about. Here only the
+    tokens generated after ``prompt_width`` (the batch's left-padded prompt, the
+    same width for every row) count, so no row depends on its batch-mates'
+    prompts or padding. ``always`` tokens are penalized as if said (the end of a
+    turn, which every chat prompt holds: ``generation.penalize_end_of_turn``).
+    """
+    import torch
+    from transformers import LogitsProcessor, RepetitionPenaltyLogitsProcessor
+
+    class AnswerRepetitionPenalty(LogitsProcessor):
+        def __init__(self) -> None:
+            self.inner = RepetitionPenaltyLogitsProcessor(penalty, prompt_ignore_length=prompt_width)
+            self.always = torch.tensor(sorted(set(always)), dtype=torch.long)
+
+        def __call__(self, input_ids, scores):
+            scores = self.inner(input_ids, scores)
+            if len(self.always):
+                always = self.always.to(scores.device)
+                # Those the answer already said were penalized once above; the rest are penalized here.
+                said = (input_ids[:, prompt_width:, None] == always).any(dim=1)
+                s = scores[:, always]
+                scores[:, always] = torch.where(said, s, torch.where(s < 0, s * penalty, s / penalty))
+            return scores
+
+    return AnswerRepetitionPenalty()
+
+
 def vanilla(layer, key: str) -> bool:
     """Plain LoRA on a Linear: ``y += s·B(Ax)``, which the fast paths compute themselves."""
     import torch

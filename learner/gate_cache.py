@@ -37,7 +37,7 @@ def _model_settings(config: HeedConfig) -> list:
 def answers_key(config: HeedConfig) -> str:
     """What an answer depends on besides the adapter and the context."""
     g = config.generation
-    return hashlib.sha256(json.dumps([*_model_settings(config), g.system_prompt, g.repetition_penalty, g.penalize_end_of_turn,
+    return hashlib.sha256(json.dumps([*_model_settings(config), g.system_prompt, g.repetition_penalty, g.penalize_end_of_turn, g.penalty_counts_prompt,
                                       g.max_context_tokens, config.learner.gate_max_new_tokens]).encode()).hexdigest()[:16]
 
 

@@ -148,6 +148,25 @@ def test_the_gate_audit_replays_every_adapter_version_of_a_kept_run(quick):
         assert r["status"] in ("active", "retired", "rejected", "deleted")
 
 
+def test_a_rejudged_run_reproduces_its_own_figures_and_judges_another_decoding(quick, tmp_path):
+    from bench.rejudge import compare_md, rejudge, run_mismatches, served_at_checkpoints
+
+    res, out = quick
+    other = tmp_path / "spared.yaml"
+    other.write_text("generation:\n  max_new_tokens: 16\n  repetition_penalty: 1.3\n  penalty_counts_prompt: false\n")
+    report = rejudge(out.parent.parent / "data", [None, str(other)], quick=True, say=lambda _: None)
+    served = served_at_checkpoints(res)
+    assert served, "the quick run promoted adapters to replay"
+    replayed = {(r["user"], r["version"]) for r in report["rows"] if r["config"] == "preset"}
+    assert set(served) <= replayed and ("base", 0) in replayed
+    assert run_mismatches(report, res) == []
+    assert {r["config"] for r in report["rows"]} == {"preset", str(other)}
+    assert report["generation"][str(other)]["penalty_counts_prompt"] is False
+    wrong = {**report, "rows": [{**r, "accept": 1.0 - r["accept"]} if r["persona"] else r for r in report["rows"]]}
+    assert run_mismatches(wrong, res), "a replay that differs from the run is reported"
+    assert "base (best judge)" in compare_md(report, res)
+
+
 def test_a_second_run_gives_the_same_answers_and_figures(quick, tmp_path):
     """Runs reproduce: users chat at once, regenerate samples, yet every shared point is identical."""
     from bench.cli import main

@@ -246,6 +246,40 @@ def test_the_repetition_penalty_spares_the_end_of_turn_token():
     assert out[0, word] == out[1, word] == 2.0
 
 
+def test_the_answer_penalty_counts_what_the_answer_said_not_the_question():
+    import torch
+
+    from heed.lora_batch import answer_penalty
+
+    eos, asked, said = 2, 7, 6
+    input_ids = torch.tensor([[1, eos, asked, 5, said]])  # a 4-token prompt (its turn ends with eos), then the answer so far
+    scores = torch.tensor([[0.0, 1.0, 3.0, 0.5, 0.5, 0.5, 3.0, 3.0]])
+    out = answer_penalty(1.5, 4)(input_ids, scores.clone())
+    assert out[0, asked] == 3.0, "the question's own words are free to use"
+    assert out[0, said] == 2.0, "what the answer already said is penalized"
+    assert out[0, eos] == 3.0 and out[0, 5] == 0.5
+    out = answer_penalty(1.5, 4, [eos])(input_ids, scores.clone())
+    assert out[0, eos] == 2.0 and out[0, asked] == 3.0, "the end of a turn is penalized as if said, when asked to"
+    again = torch.tensor([[1, eos, asked, 5, eos]])  # said in the answer too: penalized once, not twice
+    assert answer_penalty(1.5, 4, [eos])(again, scores.clone())[0, eos] == 2.0
+
+
+def test_an_answer_penalized_on_its_own_words_does_not_depend_on_its_batch_mates(world):
+    config, engine, (a, b, _) = world
+    gen = engine.with_generation(repetition_penalty=1.3, penalty_counts_prompt=False)
+    kw = engine._gen_kwargs(gen, 8, prompt_width=5)
+    assert kw["repetition_penalty"] == 1.0 and len(kw["logits_processor"]) == 1
+    with pytest.raises(ValueError, match="where the answer starts"):
+        engine._gen_kwargs(gen, 8)
+    long_ask = [ASK[0], {"role": "user", "content": "What is the capital of France, and of Spain, and of Italy, and why?"}]
+    alone = [engine.generate(m, adapter=r, gen=gen) for m, r in ((ASK, a), (long_ask, b))]
+    assert engine.generate_batch([ASK, long_ask], adapters=[a, b], gen=gen) == alone
+    # Adapter a answers " and" over and over; the long question says " and" three times.
+    counted = engine.generate(long_ask, adapter=a, gen=engine.with_generation(repetition_penalty=3.0))
+    spared = engine.generate(long_ask, adapter=a, gen=engine.with_generation(repetition_penalty=3.0, penalty_counts_prompt=False))
+    assert spared.startswith(" and") and not counted.startswith(" and"), "only the answer's own words are penalized"
+
+
 def test_the_engine_penalizes_the_end_of_an_answer_unless_told_to_spare_it(world):
     config, engine, _ = world
     default = engine._gen_kwargs(engine.with_generation(repetition_penalty=1.15), 8)

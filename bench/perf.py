@@ -261,7 +261,7 @@ def _peft_mixed_tps(engine, refs, gen) -> float:
             t = time.perf_counter()
             with torch.inference_mode():
                 res = engine.peft.generate(input_ids=x, attention_mask=mask, adapter_names=[r.key for r in refs],
-                                           **engine._gen_kwargs(gen, gen.max_new_tokens, padding=(mask == 0).sum(dim=1)))
+                                           **engine._gen_kwargs(gen, gen.max_new_tokens, padding=(mask == 0).sum(dim=1), prompt_width=width))
             dt = time.perf_counter() - t
         finally:
             engine.peft.base_model.disable_adapter_layers()

@@ -8,11 +8,13 @@ draw's own spread hides the change. This replays the held-out check on the
 version a simulated user ever had (promoted ones; ``--all`` adds the refused),
 answering the benchmark's held-out prompts exactly as the benchmark does, judged
 by every persona of the run. The first config should reproduce the run's own
-figures (same adapters, same decoding): given the run's result file, the tool
-checks that, version by version, and says where it does not.
+figures (same adapters, same decoding; answers do not depend on their batch-mates,
+README "Runs reproduce"): given the run's result file, the tool checks that,
+version by version, and says where it does not.
 
-A variant is a bench config (its ``generation`` overrides; its personas and
-held-out settings must be the run's). ``heed bench personalize --data-dir D``
+A variant is a bench config: its ``generation`` overrides apply (decoding, the
+system prompt, the context budget); its personas, held-out prompts and answer
+length (``eval_max_new_tokens``) must be the run's. ``heed bench personalize --data-dir D``
 (or ``--keep``) keeps the run in D; then
 ``heed bench rejudge --data-dir D --bench-config bench/seed1.yaml --bench-config bench/answer_penalty.yaml``.
 Run it alone (it generates with the model).
@@ -35,8 +37,7 @@ def _persona_of(user_name: str) -> str:
 
 def _versions(store, user_id: int, *, everything: bool) -> list[dict]:
     keep = ("active", "retired", "rejected") if everything else ("active", "retired")
-    return [a for a in sorted(store.list_adapters(user_id=user_id), key=lambda a: a["version"])
-            if a["status"] in keep and os.path.isdir(a["path"])]
+    return [a for a in sorted(store.list_adapters(user_id=user_id), key=lambda a: a["version"]) if a["status"] in keep]
 
 
 def rejudge(data_dir: Path, variants: list[str | None], *, config_path: str | None = None, quick: bool = False,
@@ -66,20 +67,28 @@ def rejudge(data_dir: Path, variants: list[str | None], *, config_path: str | No
     set_threads(configs[0].model.torch_threads)
     model, tok = load_base(configs[0])
     engine = Engine(model, tok, model_cfg=configs[0].model, gen_cfg=configs[0].generation)
-    heed = Heed(configs[0], engine=engine)
+    heeds = [Heed(c, engine=engine) for c in configs]  # each variant's system prompt, with the user's standing notes
+    heed = heeds[0]
     with heed.store.db.connect() as db:
         users = [(uid, name) for uid, name in db.execute("SELECT id, name FROM users ORDER BY id") if "-" in name]
-    # (label, user, persona, version, status, adapter, system prompt): the base model first.
-    subjects = [("base", None, None, 0, "base", None, configs[0].generation.system_prompt)]
+    # (label, user, persona, version, status, adapter): the base model first.
+    subjects = [("base", None, None, 0, "base", None)]
+    missing = []
     for uid, name in users:
         for a in _versions(heed.store, uid, everything=everything):
-            ref = AdapterRef(f"rejudge-u{uid}v{a['version']}", a["path"])
-            subjects.append((name, uid, _persona_of(name), a["version"], a["status"], ref, heed.system_prompt(uid)))
+            if os.path.isdir(a["path"]):
+                subjects.append((name, uid, _persona_of(name), a["version"], a["status"], AdapterRef(f"rejudge-u{uid}v{a['version']}", a["path"])))
+            else:
+                missing.append(f"{name} v{a['version']}")
+    if missing:
+        say("not replayed (folder gone, e.g. pruned): " + ", ".join(missing))
     rows, t0 = [], time.perf_counter()
-    for path, config in zip(labels, configs):
+    for path, config, h in zip(labels, configs, heeds):
         gen = replace(config.generation, do_sample=False)
+        engine.gen_cfg = config.generation  # the prompt's context budget is the engine's
         chats, refs = [], []
-        for *_, ref, system in subjects:
+        for _, uid, _, _, _, ref in subjects:
+            system = h.system_prompt(uid) if uid is not None else config.generation.system_prompt
             chats += [[{"role": "system", "content": system}, {"role": "user", "content": q}] for q in prompts]
             refs += [ref] * len(prompts)
         t = time.perf_counter()
@@ -88,15 +97,16 @@ def rejudge(data_dir: Path, variants: list[str | None], *, config_path: str | No
             out += engine.generate_batch(chats[i:i + bench.eval_batch], adapters=refs[i:i + bench.eval_batch],
                                          max_new_tokens=bench.eval_max_new_tokens, gen=gen, with_finish=True)
         n = len(prompts)
-        for k, (name, _, persona, version, status, _, _) in enumerate(subjects):
-            m = judge(out[k * n:(k + 1) * n], prompts, judges)
+        for k, (name, _, persona, version, status, _) in enumerate(subjects):
+            answers = out[k * n:(k + 1) * n]
+            m = judge(answers, prompts, judges)
             row = {"config": path, "user": name, "persona": persona, "version": version, "status": status,
                    "accept": m["accept"][persona] if persona else None, "accept_by": m["accept"], "degenerate": m["degenerate"],
                    "off_topic": m["off_topic"], "mean_words": round(m["mean_words"], 1)}
-            rows.append(row)
             say(json.dumps(row))
+            rows.append({**row, "answers": [{"prompt": q, "answer": t, "finished": f} for q, (t, f) in zip(prompts, answers)]})
         say(f"{path}: {len(subjects)} answer sets in {time.perf_counter() - t:.0f} s")
-    return {"data_dir": str(data_dir), "configs": labels, "generation": {p: c.generation.__dict__ for p, c in zip(labels, configs)},
+    return {"data_dir": str(data_dir), "configs": labels, "not_replayed": missing, "generation": {p: c.generation.__dict__ for p, c in zip(labels, configs)},
             "n_heldout_prompts": len(prompts), "rows": rows, "seconds": round(time.perf_counter() - t0, 1)}
 
 
@@ -120,8 +130,10 @@ def run_mismatches(res: dict, run: dict) -> list[str]:
     out = []
     for (user, version), cp in served_at_checkpoints(run).items():
         row = next((r for r in res["rows"] if r["config"] == first and r["user"] == user and r["version"] == version), None)
-        point = next(p for p in run["tracks"][user.replace("-", "/", 1)]["points"] if p["checkpoint"] == cp)
-        if row is not None and abs(row["accept"] - point["accept"][row["persona"]]) > 1e-9:
+        point = next(p for p in run["tracks"][user.replace("-", "/", 1)]["points"][1:] if p["checkpoint"] == cp)
+        if row is None:
+            out.append(f"{user} v{version}: not replayed")
+        elif abs(row["accept"] - point["accept"][row["persona"]]) > 1e-9:
             out.append(f"{user} v{version}: {row['accept']:.3f} replayed, {point['accept'][row['persona']]:.3f} in the run")
     return out
 
@@ -143,7 +155,7 @@ def compare_md(res: dict, run: dict | None = None) -> str:
         seen = ""
         if (user, version) in judged:
             cp = judged[(user, version)]
-            point = next(p for p in run["tracks"][user.replace("-", "/", 1)]["points"] if p["checkpoint"] == cp)
+            point = next(p for p in run["tracks"][user.replace("-", "/", 1)]["points"][1:] if p["checkpoint"] == cp)
             seen = f"{100 * point['accept'][persona]:.0f}% @{point['events']}"
         label = f"v{version} ({status})" if persona else "base (best judge)"
         lines.append(f"| {user} | {label} | " + " | ".join(cells) + f" | {seen} |")
@@ -168,9 +180,14 @@ def main(argv: list[str] | None = None) -> int:
         for line in res["run_mismatches"]:
             print(f"warning: not the run's own figure: {line}")
     out = Path(args.out)
-    out.write_text(json.dumps(res, indent=1))
+    answers = out.with_name(out.stem + "_answers.jsonl")
+    with answers.open("w", encoding="utf-8") as f:
+        for r in res["rows"]:
+            for a in r["answers"]:
+                f.write(json.dumps({"config": r["config"], "user": r["user"], "version": r["version"], **a}) + "\n")
+    out.write_text(json.dumps({**res, "rows": [{k: v for k, v in r.items() if k != "answers"} for r in res["rows"]]}, indent=1))
     out.with_suffix(".md").write_text(f"# Rejudged: {args.data_dir}\n\n" + compare_md(res, run) + "\n")
-    print(f"wrote {out} and {out.with_suffix('.md')}")
+    print(f"wrote {out}, {out.with_suffix('.md')} and {answers}")
     return 0
 
 

@@ -162,6 +162,8 @@ def test_a_rejudged_run_reproduces_its_own_figures_and_judges_another_decoding(q
     assert run_mismatches(report, res) == []
     assert {r["config"] for r in report["rows"]} == {"preset", str(other)}
     assert report["generation"][str(other)]["penalty_counts_prompt"] is False
+    said = {(r["config"], r["user"], r["version"]): [a["answer"] for a in r["answers"]] for r in report["rows"]}
+    assert any(said[("preset", u, v)] != said[(str(other), u, v)] for _, u, v in said), "the variant decoded otherwise"
     wrong = {**report, "rows": [{**r, "accept": 1.0 - r["accept"]} if r["persona"] else r for r in report["rows"]]}
     assert run_mismatches(wrong, res), "a replay that differs from the run is reported"
     assert "base (best judge)" in compare_md(report, res)

@@ -271,6 +271,9 @@ def test_an_answer_penalized_on_its_own_words_does_not_depend_on_its_batch_mates
     assert kw["repetition_penalty"] == 1.0 and len(kw["logits_processor"]) == 1
     with pytest.raises(ValueError, match="where the answer starts"):
         engine._gen_kwargs(gen, 8)
+    from heed.engine import _gen_key
+
+    assert _gen_key(gen) != _gen_key(engine.with_generation(repetition_penalty=1.3)), "they never share a batch"
     long_ask = [ASK[0], {"role": "user", "content": "What is the capital of France, and of Spain, and of Italy, and why?"}]
     alone = [engine.generate(m, adapter=r, gen=gen) for m, r in ((ASK, a), (long_ask, b))]
     assert engine.generate_batch([ASK, long_ask], adapters=[a, b], gen=gen) == alone

@@ -65,6 +65,15 @@ def test_the_gates_answer_cache_is_per_serving_dtype_and_not_the_learners(tmp_pa
     assert key("float32", "float32") == key("float32", "bfloat16"), "the gate generates in the serving dtype"
 
 
+def test_the_gates_kept_answers_go_stale_when_the_penalty_counts_otherwise(tmp_path):
+    from learner.gate_cache import answers_key
+
+    def key(**generation):
+        return answers_key(make_config(tmp_path, "tiny:0", generation={"repetition_penalty": 1.15, **generation}))
+
+    assert key() != key(penalty_counts_prompt=False) != key(penalize_end_of_turn=False)
+
+
 def test_a_bf16_learner_trains_an_fp32_adapter_that_fp32_serving_answers_with(tmp_path, tiny_model_path):
     import math
 

@@ -43,6 +43,8 @@ def _settings(res: dict) -> list[str]:
         return []
     # Runs from before penalize_end_of_turn existed penalized the end of turn too.
     spared = "" if chat.get("penalize_end_of_turn", True) else " (not on the end of a turn)"
+    # Runs from before penalty_counts_prompt existed counted the prompt's tokens too.
+    spared += "" if chat.get("penalty_counts_prompt", True) else " (on the answer's own words, not the question's)"
     dtypes = res.get("dtypes") or {}
     numerics = f"Serving in {dtypes['serving']}, training in {dtypes['learner']}. " if dtypes else ""
     gen = (f"{numerics}Generation: greedy, system prompt “{chat.get('system_prompt')}”, repetition penalty {chat.get('repetition_penalty')}{spared}, "

@@ -285,3 +285,11 @@ def test_a_draws_own_gate_audit_is_joined_with_that_draw(tmp_path):
     audit = page.split("## Gate audit of draw 1", 1)[1]
     assert "| brief-all | 2 | held-out chosen answers got less likely | 66% | 44% | 0% | -0.906 | 0.007 |" in audit
     assert "earlier run" not in audit
+
+
+def test_the_report_says_when_the_penalty_spared_the_question():
+    from bench.report import _settings
+
+    chat = {"system_prompt": "Be brief.", "repetition_penalty": 1.15, "max_new_tokens": 256}
+    assert "question" not in _settings({"generation": {"chat": chat}})[0]
+    assert "the answer's own words, not the question's" in _settings({"generation": {"chat": {**chat, "penalty_counts_prompt": False}}})[0]

@@ -153,7 +153,8 @@ def test_a_rejudged_run_reproduces_its_own_figures_and_judges_another_decoding(q
 
     res, out = quick
     other = tmp_path / "spared.yaml"
-    other.write_text("generation:\n  max_new_tokens: 16\n  repetition_penalty: 1.3\n  penalty_counts_prompt: false\n")
+    # The tiny model's base repeats one token with a wide margin: only a strong penalty moves it.
+    other.write_text("generation:\n  max_new_tokens: 16\n  repetition_penalty: 3.0\n  penalty_counts_prompt: false\n")
     report = rejudge(out.parent.parent / "data", [None, str(other)], quick=True, say=lambda _: None)
     served = served_at_checkpoints(res)
     assert served, "the quick run promoted adapters to replay"

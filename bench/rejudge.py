@@ -28,11 +28,9 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from bench.gate_audit import _persona_of
+
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def _persona_of(user_name: str) -> str:
-    return user_name.rsplit("-", 1)[0]  # the benchmark names its users PERSONA-TRACK
 
 
 def _versions(store, user_id: int, *, everything: bool) -> list[dict]:

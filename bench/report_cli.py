@@ -39,7 +39,7 @@ def render(results_dir: Path, *, config: str | None = None) -> str:
     variants = [(f.name, d) for f in sorted(results_dir.glob("personalize_*.json")) if not f.name.startswith(("personalize_seed", "personalize_kinds"))
                 and not f.name.endswith(".partial.json") and (d := load(f)) and d.get("personas")]
     if pers and variants:
-        parts += ["", variants_md(pers, variants)]
+        parts += ["", variants_md(pers, variants, draws)]
     audit = load(results_dir / "gate_audit.json")
     if audit:
         parts += ["", gate_audit_md(audit, pers)]
@@ -102,32 +102,50 @@ def _seed(res: dict) -> int | None:
     return (res.get("bench") or {}).get("seed")
 
 
-def variants_md(main: dict, variants: list[tuple[str, dict]]) -> str:
-    """The main run beside runs of the same draw with one setting changed: what differs is that setting's effect."""
+def _same_draw(v: dict, runs: list[tuple[str, dict]]) -> tuple[str, dict] | None:
+    """The run of ``v``'s draw of the simulated users (same ``bench.seed``) with the main settings, if there is one."""
+    return next(((name, r) for name, r in runs if (_seed(r) or 0) == (_seed(v) or 0)), None)
+
+
+def variants_md(main: dict, variants: list[tuple[str, dict]], draws: list[dict] = ()) -> str:
+    """Each variant beside the run of its own draw with the main settings: what differs is that setting's effect."""
     lines = ["### One setting changed, the same draw", "",
-             "The same simulated users (same `bench.seed`) with one setting changed. They still diverge after the first "
-             "learner run (other answers get other feedback), so a difference is one sample of that setting's effect."]
+             "The same simulated users (same `bench.seed`) with one setting changed, each beside the run of its own draw. "
+             "They still diverge after the first learner run (other answers get other feedback), so a difference is one "
+             "sample of that setting's effect."]
+    runs = [("main", main)] + [(f"draw {_seed(d)}", d) for d in draws]
     for name, v in variants:
-        cps = [c for c in (main.get("bench") or {}).get("checkpoints", []) if all(str(c) in p["curve"] for r in (main, v) for p in r["personas"].values())]
-        differs = recipe_differences((v.get("generation") or {}).get("chat"), (main.get("generation") or {}).get("chat"))
-        differs.update(recipe_differences(v.get("learner_config"), main.get("learner_config")))
-        lines += ["", f"`{name}` (regenerate with `{v.get('command', 'heed bench personalize')}`): "
-                  + (differences_text(differs, ours="main") if differs else "no setting differs") + "."]
+        found = _same_draw(v, runs)
+        lines += [""]
+        if found is None:
+            lines += [f"`{name}` (draw {_seed(v)}): no run of that draw with the main settings to set it beside "
+                      f"(`heed bench personalize --bench-config bench/seed{_seed(v)}.yaml --out bench/results/personalize_seed{_seed(v)}.json`)."]
+            continue
+        label, base = found
+        cps = [c for c in (base.get("bench") or {}).get("checkpoints", []) if all(str(c) in p["curve"] for r in (base, v) for p in r["personas"].values())]
+        differs = recipe_differences((v.get("generation") or {}).get("chat"), (base.get("generation") or {}).get("chat"))
+        differs.update(recipe_differences(v.get("learner_config"), base.get("learner_config")))
+        trained, base_trained = ((r.get("dtypes") or {}).get("learner") for r in (v, base))
+        if trained and base_trained and trained != base_trained:
+            differs["training dtype"] = (trained, base_trained)  # another CPU: bf16 training takes another path
+        lines += [f"`{name}` (regenerate with `{v.get('command', 'heed bench personalize')}`), beside {label}: "
+                  + (differences_text(differs, ours=label) if differs else "no setting differs") + "."]
         if v.get("note"):
             lines += ["", f"> {v['note']}"]
         last = str(cps[-1]) if cps else None
-        lines += ["", "| persona | " + " | ".join(f"@{c} main / this" for c in cps) + f" | degenerate @{last} | others' max Δ @{last} |",
+        lines += ["", "| persona | " + " | ".join(f"@{c} {label} / this" for c in cps) + f" | degenerate @{last} | others' max Δ @{last} |",
                   "|---|" + "---|" * len(cps) + "---|---|"]
-        for persona, p in main["personas"].items():
+        for persona, p in base["personas"].items():
             q = v["personas"].get(persona)
             if q is None:
                 continue
             lines.append(f"| {persona} | " + " | ".join(f"{100 * p['curve'][str(c)]:.0f}% / {100 * q['curve'][str(c)]:.0f}%" for c in cps)
                          + f" | {100 * p['degenerate']:.0f}% / {100 * q['degenerate']:.0f}% | {100 * p['others_max_delta']:.0f} / {100 * q['others_max_delta']:.0f} pts |")
         if last:
-            mean = [sum(r["personas"][n]["curve"][last] for n in main["personas"] if n in v["personas"]) / len(v["personas"]) for r in (main, v)]
-            lines += ["", f"Mean after {last} events: main {100 * mean[0]:.0f}%, this {100 * mean[1]:.0f}%. "
-                      f"Run time: main {main.get('seconds', 0) / 60:.0f} min, this {v.get('seconds', 0) / 60:.0f} min."]
+            shared = [n for n in base["personas"] if n in v["personas"]]
+            mean = [sum(r["personas"][n]["curve"][last] for n in shared) / len(shared) for r in (base, v)]
+            lines += ["", f"Mean after {last} events: {label} {100 * mean[0]:.0f}%, this {100 * mean[1]:.0f}%. "
+                      f"Run time: {label} {base.get('seconds', 0) / 60:.0f} min, this {v.get('seconds', 0) / 60:.0f} min."]
     return "\n".join(lines)
 
 

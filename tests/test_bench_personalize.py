@@ -267,6 +267,24 @@ def test_a_draw_with_another_recipe_is_named_as_such():
     assert "ran another learner recipe" not in draws_md(main, [{**other, "learner_config": main["learner_config"]}])
 
 
+def test_a_changed_setting_is_set_beside_the_run_of_its_own_draw():
+    from bench.report_cli import variants_md
+
+    def run(seed: int, accept: float, *, gate: int = 160, dtype: str = "float32") -> dict:
+        return {"bench": {"seed": seed, "checkpoints": [4]}, "learner_config": {"gate_max_new_tokens": gate},
+                "dtypes": {"learner": dtype}, "seconds": 600.0,
+                "personas": {"brief": {"curve": {"0": 0.0, "4": accept}, "degenerate": 0.0, "others_max_delta": 0.0}}}
+
+    main, draw2 = run(0, 0.72), run(2, 0.41)
+    page = variants_md(main, [("v2.json", run(2, 0.97, gate=256)), ("v0.json", run(0, 0.75, gate=256, dtype="bfloat16")),
+                              ("v5.json", run(5, 0.5, gate=256))], [draw2])
+    v2, v0, v5 = page.split("`v2.json`", 1)[1], page.split("`v0.json`", 1)[1], page.split("`v5.json`", 1)[1]
+    assert "beside draw 2: gate_max_new_tokens 256 (draw 2: 160)." in v2 and "| brief | 41% / 97% |" in v2, "not beside draw 0"
+    assert "beside main: gate_max_new_tokens 256 (main: 160), training dtype 'bfloat16' (main: 'float32')." in v0
+    assert "| brief | 72% / 75% |" in v0
+    assert "no run of that draw with the main settings" in v5 and "| brief |" not in v5
+
+
 def test_a_draws_own_gate_audit_is_joined_with_that_draw(tmp_path):
     from bench.report_cli import render
 

@@ -131,7 +131,8 @@ class LearnerConfig:
     gate_enabled: bool = _f(True, "Judge candidates before promotion; off promotes every finished run.")
     # Room for a whole answer of the ~100 words the default system prompt asks for, plus a line a user wants added:
     # at 96 tokens an answer plus the question an asks-back user wants did not fit, so the gate saw 100% of that
-    # user's candidate answers cut and refused every candidate.
+    # user's candidate answers cut and refused every candidate. At the serving limit (256) more candidates passed whose
+    # answers never end: full benchmark runs of draws 0 and 2 had more degenerate answers (up to 34%) and slower runs.
     gate_max_new_tokens: int = _f(160, "Reply length when the gate samples the candidate's answers.")
     gate_max_contexts: int = _f(16, "At most this many of the user's held-out contexts are among the gate's answers...")
     gate_answers: int = _f(24, "...which are always this many: probe prompts fill the rest (at most 24), so the gate costs the same for any history.")

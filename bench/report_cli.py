@@ -118,8 +118,8 @@ def variants_md(main: dict, variants: list[tuple[str, dict]], draws: list[dict] 
         found = _same_draw(v, runs)
         lines += [""]
         if found is None:
-            lines += [f"`{name}` (draw {_seed(v)}): no run of that draw with the main settings to set it beside "
-                      f"(`heed bench personalize --bench-config bench/seed{_seed(v)}.yaml --out bench/results/personalize_seed{_seed(v)}.json`)."]
+            lines += [f"`{name}` (draw {_seed(v)}): no run of that draw with the main settings "
+                      f"(`personalize_seed{_seed(v)}.json`) to set it beside."]
             continue
         label, base = found
         cps = [c for c in (base.get("bench") or {}).get("checkpoints", []) if all(str(c) in p["curve"] for r in (base, v) for p in r["personas"].values())]

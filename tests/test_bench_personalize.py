@@ -278,11 +278,11 @@ def test_a_changed_setting_is_set_beside_the_run_of_its_own_draw():
     main, draw2 = run(0, 0.72), run(2, 0.41)
     page = variants_md(main, [("v2.json", run(2, 0.97, gate=256)), ("v0.json", run(0, 0.75, gate=256, dtype="bfloat16")),
                               ("v5.json", run(5, 0.5, gate=256))], [draw2])
-    v2, v0, v5 = page.split("`v2.json`", 1)[1], page.split("`v0.json`", 1)[1], page.split("`v5.json`", 1)[1]
+    v2, v0, v5 = (page.split(f"`{n}`", 1)[1].split("\n\n`", 1)[0] for n in ("v2.json", "v0.json", "v5.json"))
     assert "beside draw 2: gate_max_new_tokens 256 (draw 2: 160)." in v2 and "| brief | 41% / 97% |" in v2, "not beside draw 0"
     assert "beside main: gate_max_new_tokens 256 (main: 160), training dtype 'bfloat16' (main: 'float32')." in v0
     assert "| brief | 72% / 75% |" in v0
-    assert "no run of that draw with the main settings" in v5 and "| brief |" not in v5
+    assert "no run of that draw with the main settings (`personalize_seed5.json`)" in v5 and "| brief |" not in v5
 
 
 def test_a_draws_own_gate_audit_is_joined_with_that_draw(tmp_path):

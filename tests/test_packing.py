@@ -160,3 +160,45 @@ def test_answers_scored_together_get_the_log_probs_each_gets_alone(tiny_model_pa
             for (ids, start), want, got, got_full in zip(sequences, alone, picked, full):
                 assert torch.allclose(got_full, want, atol=1e-5)
                 assert torch.allclose(got, want.gather(-1, torch.tensor(ids[start:])[:, None])[:, 0], atol=1e-5)
+
+
+def test_the_lm_head_scores_only_answer_tokens_and_trains_the_same_losses(tmp_path, tiny_model_path, monkeypatch):
+    from dataclasses import replace
+
+    import trl.trainer.utils as tu
+    from trl.kernels.chunked_logprob import _use_triton as trls_own
+
+    import learner.train as train
+    from learner_util import learner_config
+
+    config = learner_config(tmp_path, tiny_model_path, epochs=2, batch_size=2, dtype="float32")
+    pairs = [{"prompt": [{"role": "user", "content": f"a rather long question number {i} with many words"}],
+              "chosen": f"Short {i}.", "rejected": f"A much longer answer number {i}, padded out.", "weight": 1.0} for i in range(4)]
+    kto = [{"prompt": [{"role": "user", "content": f"vote {i}"}], "completion": f"reply {i}", "label": i % 2} for i in range(4)]
+    real = tu._ChunkedLogProbFunction
+    scored: dict[str, list[int]] = {}
+
+    class Counting:
+        @staticmethod
+        def apply(hidden, *args):
+            scored[arm].append(hidden.shape[0])
+            return real.apply(hidden, *args)
+
+    monkeypatch.setattr(tu, "_ChunkedLogProbFunction", Counting)
+    runs = {}
+    for arm in ("every position", "answers only"):
+        scored[arm] = []
+        if arm == "every position":
+            monkeypatch.setattr(tu, "_use_triton", trls_own)
+            monkeypatch.setattr(train, "score_answer_tokens_only", lambda: False)
+        else:
+            monkeypatch.undo()
+            monkeypatch.setattr(tu, "_ChunkedLogProbFunction", Counting)
+        c = replace(config, learner=replace(config.learner, shared_prefixes=False))
+        runs[arm] = train.train_adapter(c, init_adapter=None, dpo_pairs=pairs, kto_examples=kto, out_dir=tmp_path / arm.replace(" ", "_"))
+    assert runs["answers only"]["head_scores_answers_only"] and not runs["every position"]["head_scores_answers_only"]
+    assert len(scored["answers only"]) == len(scored["every position"]) > 0
+    # Prompts and padding are most of these rows: the head now sees far fewer positions, for the same numbers.
+    assert sum(scored["answers only"]) < 0.6 * sum(scored["every position"])
+    assert runs["answers only"]["dpo_losses"] == pytest.approx(runs["every position"]["dpo_losses"], abs=1e-5)
+    assert runs["answers only"]["kto_losses"] == pytest.approx(runs["every position"]["kto_losses"], abs=1e-5)

@@ -13,9 +13,11 @@ The ``fault`` hook is called with the name of each step (``before_train``,
 """
 from __future__ import annotations
 
+import ctypes
 import gc
 import logging
 import os
+import platform
 import random
 import re
 import shutil
@@ -98,6 +100,24 @@ def prune_versions(config: HeedConfig, store: Store, *, user_id: int) -> list[in
 def _next_version(config: HeedConfig, store: Store, user_id: int) -> int:
     on_disk = [int(m.group(1)) for c in user_dir(config, user_id).glob("v*") if (m := _VERSION_DIR.match(c.name))]
     return max([store.next_adapter_version(user_id=user_id) - 1, *on_disk, 0]) + 1
+
+
+def release_freed_memory() -> bool:
+    """Give the heap the trainer freed back to the OS before the gate loads its own copy of the model.
+
+    glibc keeps freed blocks for this process to reuse, and the gate's fp32 copy and its batch landed
+    beside them: on the embedded model (bf16 training) a 16-edit run peaked at 2,717 MB, 2,406 MB with
+    this, the same time (a plain TRL script training the same pairs: 2,151 MB). False where there is
+    no glibc ``malloc_trim`` (macOS, musl): nothing is lost there but memory.
+    """
+    if platform.system() != "Linux":
+        return False
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return False
+    trim(0)
+    return True
 
 
 def only_praise(examples: list[dict]) -> bool:
@@ -209,6 +229,7 @@ def learn_user(config: HeedConfig, store: Store, *, user_id: int, trigger: str =
                                 out_dir=tmp, progress=show, keepalive=keepalive, before_save=lambda: step("before_save"))
         timings["train_s"] = time.perf_counter() - t1
         gc.collect()  # the trainer's model copy goes before the gate loads its own: lower peak memory
+        release_freed_memory()
         step("after_save")
         verdict = {"promote": True, "reasons": []}
         if lc.gate_enabled:

@@ -502,3 +502,22 @@ def test_a_pair_that_only_adds_to_its_rejected_answer_can_train_by_the_sft_term_
     # Step by step the same updates as the SFT term alone: the DPO term adds its constant log 2 and no gradient.
     assert [loss - math.log(2) for loss in runs["sft"]["dpo_losses"]] == pytest.approx(runs["sft_alone"]["dpo_losses"], abs=1e-4)
     assert runs["dpo"]["dpo_losses"] != pytest.approx(runs["sft"]["dpo_losses"], abs=1e-3), "as DPO pairs they train differently"
+
+
+def test_the_heap_the_trainer_freed_goes_back_before_the_gate_loads_its_model(h, monkeypatch):
+    import learner.gate
+    import learner.run
+    import learner.train
+
+    calls = []
+    for module, name in ((learner.train, "train_adapter"), (learner.run, "release_freed_memory"), (learner.gate, "evaluate")):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _real=real, _name=name, **kw: (calls.append(_name), _real(*a, **kw))[1])
+    uid = h.add_user("alice", "pw")
+    edit_answers(h, uid, ["Brief answers are good."] * 4)
+    assert learn(h, uid)["status"] == "promoted"
+    assert calls == ["train_adapter", "release_freed_memory", "evaluate"]
+    # On Linux (glibc) the trim really runs; elsewhere it says it did nothing.
+    import platform
+
+    assert learner.run.release_freed_memory() is (platform.system() == "Linux" and platform.libc_ver()[0] == "glibc")

@@ -203,7 +203,7 @@ def score_answer_tokens_only() -> bool:
     not recompile). Only positions with a label count: scoring just those gives
     the same log-probabilities and loss, and on the embedded model a 16-edit run
     trained in 55 s instead of 90 s with the same loss to the last digit
-    (``learner.json``). trl decides that through its private ``_use_triton``
+    (bf16, 2 threads, one run each way). trl decides that through its private ``_use_triton``
     name; if a later trl lacks it, training stays correct, only slower.
     """
     import trl.trainer.utils as tu

@@ -73,10 +73,9 @@ def evaluate_many(heed, user_ids: list[int], prompts: list[str], bench: BenchCon
         chats += c
         refs += r
     gen = replace(heed.config.generation, do_sample=False)
-    out: list[tuple[str, bool]] = []
-    for i in range(0, len(chats), bench.eval_batch):
-        out += heed.engine.generate_batch(chats[i:i + bench.eval_batch], adapters=refs[i:i + bench.eval_batch],
-                                          max_new_tokens=bench.eval_max_new_tokens, gen=gen, with_finish=True)
+    # One call: with continuous batching a row that ends hands its slot to the next (eval_batch rows at a time).
+    out = heed.engine.generate_batch(chats, adapters=refs, max_new_tokens=bench.eval_max_new_tokens, gen=gen,
+                                     with_finish=True, batch=bench.eval_batch)
     n = len(prompts)
     return [out[k * n:(k + 1) * n] for k in range(len(user_ids))]
 

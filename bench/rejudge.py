@@ -90,10 +90,8 @@ def rejudge(data_dir: Path, variants: list[str | None], *, config_path: str | No
             chats += [[{"role": "system", "content": system}, {"role": "user", "content": q}] for q in prompts]
             refs += [ref] * len(prompts)
         t = time.perf_counter()
-        out = []
-        for i in range(0, len(chats), bench.eval_batch):
-            out += engine.generate_batch(chats[i:i + bench.eval_batch], adapters=refs[i:i + bench.eval_batch],
-                                         max_new_tokens=bench.eval_max_new_tokens, gen=gen, with_finish=True)
+        out = engine.generate_batch(chats, adapters=refs, max_new_tokens=bench.eval_max_new_tokens, gen=gen,
+                                    with_finish=True, batch=bench.eval_batch)
         n = len(prompts)
         for k, (name, _, persona, version, status, _) in enumerate(subjects):
             answers = out[k * n:(k + 1) * n]

@@ -36,7 +36,7 @@ class BenchConfig:
     eval_max_new_tokens: int = _f(256, "Reply length when judging held-out answers; answers cut off at it count as degenerate.")
     # 5 users x 32 prompts, mixed adapters, 256 tokens: 309 s in batches of 48 against 330 s in batches of 16 (another
     # day): larger batches barely help once every batch runs to the longest answer.
-    eval_batch: int = _f(48, "Held-out prompts generated together (Engine.generate_batch); rows of different users share batches.")
+    eval_batch: int = _f(48, "Held-out answers decoded at once (Engine.generate_batch's batch); rows of different users share the batch, and with continuous batching a row that ends hands its slot to the next prompt.")
     chats_per_event: int = _f(3, "A single-kind user stops chatting after this many chats per missing event (accepted answers give no edit).")
     interactivity_prompts: int = _f(6, "Corrected prompts asked again in a new session, without the correction, after learning.")
     observer_prompts: int = _f(2, "Prompts a user who gives no feedback asks before and after everyone learns (answers must be identical).")

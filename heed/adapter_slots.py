@@ -185,6 +185,11 @@ class AdapterSlots:
         return self._merged.buffer_bytes
 
     @property
+    def serving_key(self) -> str | None:
+        """The adapter the model computes with now (None: the bare base model)."""
+        return self._serving_key
+
+    @property
     def how(self) -> str | None:
         """How the adapter in use is computed now ('hooks', 'merged', 'peft'; None: the bare base model)."""
         return self._how

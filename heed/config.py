@@ -44,6 +44,7 @@ class ModelConfig:
     trust_remote_code: bool = _f(False, "Allow model code from the model folder (off: only transformers' own classes run).")
     max_batch: int = _f(8, "Replies generated together when several users ask at once (each keeps its own adapter).")
     batch_window_ms: int = _f(5, "How long a new request waits for others to join its batch, in milliseconds.")
+    continuous_batching: bool = _f(True, "A request joins the batch being answered at its next token, and a row leaves it when its answer ends (heed.decode); off: each batch runs to its longest answer while new requests wait. Batch-invariant half-precision serving and sliding-window models always use whole batches.")
     batch_invariant: bool = _f(True, "In bf16/fp16 on a CPU, answer each row as it would be answered alone (attention row by row, no lone-row matmuls, every adapter by the batched LoRA path): answers do not depend on who else shares the batch. fp32 is close enough without it.")
     adapter_serving: str = _f("auto", "One user's adapter: 'unmerged' (LoRA added by hooks: switching users costs nothing), 'merged' (folded into copies of the base weights: each switch rewrites them), 'hybrid' (unmerged right after another user's reply, merged when the same user asks again: faster, but a reply's rounding then depends on who asked before; fp32 only), 'auto' (merged on CUDA, unmerged on CPU).")
 

@@ -39,6 +39,7 @@ from typing import Iterator
 
 from .adapter_slots import AdapterLoadError, AdapterRef, AdapterSlots, serving_mode
 from .config import GenerationConfig, HeedConfig, ModelConfig
+from .decode import decode_now, serve, supports_continuous
 from .hardware import contiguous_head_input, pick_device_dtype
 from .invariant import use_row_attention
 from .lora_batch import BatchStreamer, Row, RowStop, answer_penalty, mixed_lora, sparing_penalty
@@ -113,7 +114,9 @@ class Engine:
         # only: a GPU's matmul kernels are chosen by shape in other ways a duplicated row does not pin down.
         half = str(next(model.parameters()).dtype) in ("torch.bfloat16", "torch.float16")
         self.invariant = bool(half and self.device.type == "cpu" and model_cfg.batch_invariant and use_row_attention(model))
+        self.continuous = bool(model_cfg.continuous_batching and not self.invariant and supports_continuous(model))
         self._pending: deque[Row] = deque()
+        self._decoding = 0  # rows the worker's decoder is answering (wait_idle reads it)
         self._cv = threading.Condition()
         self._worker: threading.Thread | None = None
         self.batches_run = 0  # generate calls that served requests (tests and benchmarks read these two)
@@ -272,15 +275,21 @@ class Engine:
         return [r for r in batch if not r.cancel.is_set()]
 
     def _work(self) -> None:
+        # ``continuous`` may be switched while the worker runs (benchmarks compare both): it changes between batches.
+        while not (serve(self, log) if self.continuous else self._work_whole()):
+            pass
+
+    def _work_whole(self) -> bool:
+        """Whole batches, one generate call each; True when idle (the thread ends), False when switched."""
         window = self.model_cfg.batch_window_ms / 1000
-        while True:
+        while not self.continuous:
             with self._cv:
                 if not self._pending:
                     self._cv.wait(timeout=2.0)
                 if not self._pending:
                     # Idle: the thread ends (a later request starts a new one), so engines can be freed.
                     self._worker = None
-                    return
+                    return True
             if window:
                 time.sleep(window)  # let requests that arrive together share the batch
             with self._lock:  # taken before the batch leaves the queue, so wait_idle sees it
@@ -292,6 +301,7 @@ class Engine:
                     self._run(batch)
                 except Exception:  # already delivered to every row's consumer; keep serving others
                     log.exception("generation failed for a batch of %d", len(batch))
+        return False
 
     # -- public generation API --------------------------------------------------
     def stream(self, messages: list[dict], *, adapter: AdapterRef | None = None, max_new_tokens: int | None = None,
@@ -320,26 +330,33 @@ class Engine:
 
     def generate_batch(self, conversations: list[list[dict]], *, adapters: list[AdapterRef | None] | None = None,
                        max_new_tokens: int | None = None, gen: GenerationConfig | None = None,
-                       with_finish: bool = False) -> list:
-        """Answer several chats in one forward pass, each with its own adapter (or none).
+                       with_finish: bool = False, batch: int | None = None) -> list:
+        """Answer several chats together, each with its own adapter (or none), in this thread.
 
+        ``batch``: at most this many rows decode at once (None: all); with
+        continuous batching a row that ends hands its slot to the next.
         With ``with_finish`` each item is ``(text, finished)``: finished is False
         when the answer hit the token limit before the model ended it.
         """
         adapters = adapters or [None] * len(conversations)
         if len(adapters) != len(conversations):
             raise ValueError("one adapter (or None) per conversation")
+        if batch is not None and batch < 1:
+            raise ValueError("batch must be at least 1")
         rows = [self._row(m, a, max_new_tokens, gen) for m, a in zip(conversations, adapters)]
-        # More distinct adapters than the cache holds would evict one the same batch needs: split.
-        batch: list[Row] = []
-        for r in rows:
-            keys = {x.adapter.key if x.adapter else None for x in batch + [r]}
-            if len(keys) > self.model_cfg.max_cached_adapters:
-                self._run(batch)
-                batch = []
-            batch.append(r)
-        if batch:
-            self._run(batch)
+        if self.continuous:
+            decode_now(self, rows, capacity=batch or len(rows))
+        else:
+            # More distinct adapters than the cache holds would evict one the same batch needs: split.
+            group: list[Row] = []
+            for r in rows:
+                keys = {x.adapter.key if x.adapter else None for x in group + [r]}
+                if len(keys) > self.model_cfg.max_cached_adapters or len(group) == (batch or len(rows)):
+                    self._run(group)
+                    group = []
+                group.append(r)
+            if group:
+                self._run(group)
         for r in rows:
             if r.error is not None:
                 raise r.error
@@ -350,7 +367,7 @@ class Engine:
         """Block until no request is waiting or being generated."""
         while True:
             with self._lock, self._cv:
-                if not self._pending:
+                if not self._pending and not self._decoding:
                     return
             time.sleep(0.01)
 

@@ -78,22 +78,31 @@ class BatchStreamer:
             self.prompt_seen = True
             return
         for row, tok in zip(self.rows, value.reshape(-1).tolist()):
-            if row.done:
-                continue
-            if row.cancel.is_set():
+            self.feed(row, tok)
+
+    def feed(self, row: Row, tok: int) -> None:
+        """One new token for ``row``: streamed, or the row's end (its end-of-turn, its limit, a cancel)."""
+        if row.done:
+            return
+        if row.cancel.is_set():
+            self._finish(row, False)
+        elif tok == self.eos:
+            self._finish(row, True)
+        else:
+            row.tokens.append(tok)
+            if row.out is not None:
+                text = self._decode(row)
+                # Hold back a half-decoded multi-byte character until its last byte arrives.
+                if len(text) > row.sent and not text.endswith("\ufffd"):
+                    row.out.put(text[row.sent:])
+                    row.sent = len(text)
+            if len(row.tokens) >= row.max_new:
                 self._finish(row, False)
-            elif tok == self.eos:
-                self._finish(row, True)
-            else:
-                row.tokens.append(tok)
-                if row.out is not None:
-                    text = self._decode(row)
-                    # Hold back a half-decoded multi-byte character until its last byte arrives.
-                    if len(text) > row.sent and not text.endswith("\ufffd"):
-                        row.out.put(text[row.sent:])
-                        row.sent = len(text)
-                if len(row.tokens) >= row.max_new:
-                    self._finish(row, False)
+
+    def stop(self, row: Row) -> None:
+        """End ``row`` where it is (its reader left): not finished by the model."""
+        if not row.done:
+            self._finish(row, False)
 
     def end(self) -> None:
         for row in self.rows:
@@ -324,15 +333,11 @@ def _hook(a, b):
 
 
 @contextlib.contextmanager
-def _hooked(peft, keys: list[str | None]):
-    from peft.tuners.lora import LoraLayer
-
+def _attached(stacks):
     handles = []
     try:
-        for layer in [m for m in peft.modules() if isinstance(m, LoraLayer)]:
-            st = _stacks(layer, keys)
-            if st is not None:
-                handles.append(layer.register_forward_hook(_hook(*st)))
+        for layer, (a, b) in stacks:
+            handles.append(layer.register_forward_hook(_hook(a, b)))
         yield
     finally:
         for h in handles:
@@ -348,12 +353,38 @@ def _peft_mixed(peft):
         peft.base_model.disable_adapter_layers()
 
 
+class RowLora:
+    """LoRA per batch row for the adapters ``keys`` (one per row, None: none), built once and attached per forward.
+
+    The continuous decoder (``heed.decode``) keeps one across its steps: rows that
+    leave are sliced out of the stacks instead of rebuilding them.
+    """
+
+    def __init__(self, peft, keys: list[str | None]) -> None:
+        from peft.tuners.lora import LoraLayer
+
+        self.peft, self.keys = peft, list(keys)
+        layers = [m for m in peft.modules() if isinstance(m, LoraLayer)]
+        self.vanilla = all(vanilla(layer, k) for layer in layers for k in set(keys) if k is not None and k in layer.lora_A)
+        self.stacks = [(layer, st) for layer in layers if (st := _stacks(layer, self.keys)) is not None] if self.vanilla else []
+
+    def select(self, rows: list[int]) -> None:
+        """Keep only the batch rows ``rows`` (in that order)."""
+        import torch
+
+        self.keys = [self.keys[i] for i in rows]
+        if self.stacks:
+            idx = torch.tensor(rows, device=self.stacks[0][1][0].device)
+            self.stacks = [(layer, (a[idx], b[idx])) for layer, (a, b) in self.stacks]
+
+    def attached(self):
+        """(context, model, extra forward/generate kwargs) computing every row with its own adapter."""
+        if self.vanilla:
+            return _attached(self.stacks), self.peft.base_model.model, {}
+        names = [k if k is not None else "__base__" for k in self.keys]
+        return _peft_mixed(self.peft), self.peft, {"adapter_names": names}
+
+
 def mixed_lora(peft, keys: list[str | None]):
     """(context, model, extra generate kwargs) to run one batch whose rows use the adapters ``keys``."""
-    from peft.tuners.lora import LoraLayer
-
-    layers = [m for m in peft.modules() if isinstance(m, LoraLayer)]
-    if all(vanilla(layer, k) for layer in layers for k in set(keys) if k is not None and k in layer.lora_A):
-        return _hooked(peft, keys), peft.base_model.model, {}
-    names = [k if k is not None else "__base__" for k in keys]
-    return _peft_mixed(peft), peft, {"adapter_names": names}
+    return RowLora(peft, keys).attached()

@@ -1,4 +1,4 @@
-"""`heed bench personalize|perf|load|gate-audit|rejudge|dtype|recipes|correction-phrasing|report`: every command takes --out FILE and --config FILE."""
+"""`heed bench personalize|perf|batching|load|gate-audit|rejudge|dtype|recipes|correction-phrasing|report`: every command takes --out FILE and --config FILE."""
 from __future__ import annotations
 
 import importlib.util
@@ -7,6 +7,7 @@ import sys
 COMMANDS = {
     "personalize": ("bench.personalize", "simulated users teach their adapters; acceptance, data efficiency, isolation"),
     "perf": ("bench.perf", "serving and store speed against the plain libraries"),
+    "batching": ("bench.batching", "continuous batching against whole batches: chatting users, held-out evaluation"),
     "load": ("bench.load", "many users at once against a running server"),
     "gate-audit": ("bench.gate_audit", "after a kept personalize run: was each gate refusal right?"),
     "rejudge": ("bench.rejudge", "after a kept personalize run: its adapters judged again under other generation settings"),

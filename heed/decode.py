@@ -329,14 +329,20 @@ def decode_now(engine, rows: list[Row], *, capacity: int) -> None:
     """Answer ``rows`` in the calling thread, at most ``capacity`` at a time, each freed slot taken by the next."""
     dec = Decoder(engine, capacity=capacity)
     waiting = deque(rows)
-    while waiting or dec.rows:
+    with engine._lock:
+        engine._callers += 1  # the lock is let go between steps: wait_idle must still see this batch
+    try:
+        while waiting or dec.rows:
+            with engine._lock:
+                try:
+                    while waiting and dec.fits(waiting[0]):
+                        dec.join(waiting.popleft())
+                    dec.step()
+                except BaseException as exc:
+                    dec.fail(exc)
+                    for r in rows:
+                        r.fail(exc)
+                    raise
+    finally:
         with engine._lock:
-            try:
-                while waiting and dec.fits(waiting[0]):
-                    dec.join(waiting.popleft())
-                dec.step()
-            except BaseException as exc:
-                dec.fail(exc)
-                for r in rows:
-                    r.fail(exc)
-                raise
+            engine._callers -= 1

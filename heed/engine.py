@@ -117,6 +117,7 @@ class Engine:
         self.continuous = bool(model_cfg.continuous_batching and not self.invariant and supports_continuous(model))
         self._pending: deque[Row] = deque()
         self._decoding = 0  # rows the worker's decoder is answering (wait_idle reads it)
+        self._callers = 0  # generate_batch calls decoding in their own threads
         self._cv = threading.Condition()
         self._worker: threading.Thread | None = None
         self.batches_run = 0  # generate calls that served requests (tests and benchmarks read these two)
@@ -367,7 +368,7 @@ class Engine:
         """Block until no request is waiting or being generated."""
         while True:
             with self._lock, self._cv:
-                if not self._pending and not self._decoding:
+                if not self._pending and not self._decoding and not self._callers:
                     return
             time.sleep(0.01)
 

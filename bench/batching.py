@@ -14,6 +14,9 @@ run checks both ways give the same text for every request:
   the learner's gate do. Whole batches run each batch to its longest answer;
   continuously a row that ends hands its slot to the next question.
 
+- first token: a new request while another user's ``--long-tokens`` answer
+  is under way: whole batches make it wait for that answer to end.
+
 Writes ``bench/results/batching.json``: seconds per run, medians, and whole ÷
 continuous (above 1: continuous is faster).
 """
@@ -60,6 +63,31 @@ def eval_workload(engine, chats: list[list[dict]], batch: int) -> tuple[float, l
     return time.perf_counter() - t, out
 
 
+def first_token_workload(engine, long_chat: list[dict], ask: list[dict], *, long_tokens: int, after: int) -> float:
+    """Seconds from a request to its first piece of text while another user's long answer is ``after`` tokens in."""
+    started = threading.Event()
+
+    def long_answer() -> None:
+        for i, _ in enumerate(engine.stream(long_chat, max_new_tokens=long_tokens)):
+            if i + 1 == after:
+                started.set()
+
+    th = threading.Thread(target=long_answer)
+    engine.fixed_length = True  # the long answer runs to its limit whatever the model says
+    try:
+        th.start()
+        started.wait()
+        t = time.perf_counter()
+        stream = engine.stream(ask, max_new_tokens=8)
+        next(stream)
+        waited = time.perf_counter() - t
+        stream.close()
+        th.join()
+    finally:
+        engine.fixed_length = False
+    return waited
+
+
 def _switch(engine, continuous: bool) -> None:
     engine.wait_idle()
     engine.continuous = continuous
@@ -74,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--chats", type=int, default=3, help="chats per user, one after another")
     p.add_argument("--rows", type=int, default=48, help="questions in the evaluation workload")
     p.add_argument("--batch", type=int, default=16, help="evaluation rows decoding at once")
+    p.add_argument("--long-tokens", type=int, default=256, help="length of the answer running when a new request comes")
     args = p.parse_args(argv)
 
     from bench.prompts import split
@@ -89,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     train, heldout = split()
     users = [_chats(engine, train[u * args.chats:(u + 1) * args.chats]) for u in range(args.users)]
     rows = _chats(engine, (heldout * (args.rows // len(heldout) + 1))[:args.rows])
-    seconds: dict[str, dict[str, list[float]]] = {w: {"whole": [], "continuous": []} for w in ("chat", "eval")}
+    seconds: dict[str, dict[str, list[float]]] = {w: {"whole": [], "continuous": []} for w in ("chat", "eval", "first_token")}
     answers: dict[str, dict[str, list]] = {w: {} for w in ("chat", "eval")}
     tokens: dict[str, int] = {}
     t0 = time.perf_counter()
@@ -107,7 +136,11 @@ def main(argv: list[str] | None = None) -> int:
             tokens["eval"] = engine.tokens_generated - before
             seconds["eval"][how].append(s)
             answers["eval"][how] = a
-            print(f"run {run} {how}: chat {seconds['chat'][how][-1]:.1f} s, eval {seconds['eval'][how][-1]:.1f} s", flush=True)
+            _switch(engine, how == "continuous")
+            seconds["first_token"][how].append(first_token_workload(engine, rows[0], rows[1], long_tokens=args.long_tokens,
+                                                                    after=min(16, args.long_tokens // 4)))
+            print(f"run {run} {how}: chat {seconds['chat'][how][-1]:.1f} s, eval {seconds['eval'][how][-1]:.1f} s, "
+                  f"first token beside a running answer {seconds['first_token'][how][-1]:.2f} s", flush=True)
     med = {w: {how: statistics.median(v) for how, v in d.items()} for w, d in seconds.items()}
     same = {
         "chat": sum(x == y for a, b in zip(answers["chat"]["whole"], answers["chat"]["continuous"]) for x, y in zip(a, b)),
@@ -119,7 +152,9 @@ def main(argv: list[str] | None = None) -> int:
         "torch_threads": config.model.torch_threads, "max_batch": config.model.max_batch,
         "cpu_count": os.cpu_count(), "load_avg_at_end": list(os.getloadavg()),
         "workloads": {"chat": {"users": args.users, "chats_each": args.chats, "tokens": tokens["chat"]},
-                      "eval": {"rows": args.rows, "batch": args.batch, "tokens": tokens["eval"]}},
+                      "eval": {"rows": args.rows, "batch": args.batch, "tokens": tokens["eval"]},
+                      "first_token": {"running_answer_tokens": args.long_tokens,
+                                      "asked_after": min(16, args.long_tokens // 4)}},
         "runs": args.runs, "seconds": seconds, "median_seconds": med,
         "whole_over_continuous": {w: med[w]["whole"] / med[w]["continuous"] for w in med},
         "same_answers": {"chat": f"{same['chat']}/{args.users * args.chats}", "eval": f"{same['eval']}/{args.rows}"},

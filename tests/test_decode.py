@@ -177,3 +177,31 @@ def test_sliding_window_models_and_invariant_half_precision_keep_whole_batches(t
     assert bf16.invariant and not bf16.continuous
     off = Engine.load(make_config(tmp_path, tiny_model_path, model={"continuous_batching": False}))
     assert not off.continuous
+
+
+def test_wait_idle_waits_for_a_batch_decoding_in_another_thread(world):
+    engine, (a, _, _) = world
+    done = threading.Event()
+    began = threading.Event()
+    from heed.decode import Decoder
+
+    real_join = Decoder.join
+
+    def join(self, row):
+        began.set()
+        return real_join(self, row)
+
+    Decoder.join = join
+    try:
+        t = threading.Thread(target=lambda: (engine.generate_batch([LONG_ASK] * 3, adapters=[a, None, a], max_new_tokens=200),
+                                             done.set()))
+        engine.fixed_length = True
+        t.start()
+        began.wait(30)
+        engine.wait_idle()
+        finished_first = done.is_set()
+        t.join(120)
+    finally:
+        Decoder.join = real_join
+        engine.fixed_length = False
+    assert finished_first, "wait_idle returned while another thread's batch was still decoding"

@@ -83,6 +83,7 @@ def first_token_workload(engine, long_chat: list[dict], ask: list[dict], *, long
         waited = time.perf_counter() - t
         stream.close()
         th.join()
+        engine.wait_idle()  # the closed request's row may still be in a batch: a live worker at exit aborts torch
     finally:
         engine.fixed_length = False
     return waited

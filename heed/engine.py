@@ -1,9 +1,12 @@
 """The engine: one frozen base model, users' LoRA adapters on top, streamed and batched generation.
 
 Adapters are loaded once into a peft multi-adapter model and kept in an LRU
-cache (``heed.adapter_slots``). Requests go through one queue: a worker takes whatever is waiting (up
-to ``model.max_batch``) and answers it in one ``generate`` call, so concurrent
-users share forward passes. The base ``W0`` parameters are never written: a
+cache (``heed.adapter_slots``). Requests go through one queue and one worker, so
+concurrent users share forward passes: by default a request joins the batch being
+decoded at its next token and leaves it when its answer ends (``heed.decode``, up
+to ``model.max_batch`` rows); with ``model.continuous_batching`` off (and for
+invariant half precision) the worker answers whatever is waiting in one
+``generate`` call. The base ``W0`` parameters are never written: a
 user without an adapter gets bit-identical base weights.
 - One adapter in the batch, ``model.adapter_serving``: *unmerged* hooks add
   ``s·B(Ax)`` to each LoRA layer's output, and switching users only repoints

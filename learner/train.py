@@ -173,6 +173,38 @@ def _steps(n_rows: int, config: HeedConfig, phase: str = "dpo") -> int:
     return math.ceil(n_rows / bs) * _epochs(n_rows, config, phase) if n_rows else 0
 
 
+class SpareEnd:
+    """A trl collator wrapped so the end of every rejected (DPO) or undesirable (KTO) answer is left out of the loss.
+
+    Each such answer ends with the end-of-turn token, and the loss lowers that
+    token's probability where the answer stopped, whatever was wrong with it;
+    an edit that only adds a line lowers "stop here" outright. Added up over
+    runs, the end of every answer falls: answers that never end. Masked from
+    the answer's first end-of-turn token on (what the chat template puts after
+    it too), the policy and the reference score the same tokens, so DPO and KTO
+    compare what the answer says. Chosen and desirable answers keep their end:
+    that is where the user's answer stopped.
+    """
+
+    def __init__(self, collate, end_id: int, *, phase: str) -> None:
+        self.collate, self.end_id, self.phase = collate, end_id, phase
+        self.spared = 0  # end tokens left out, counted over every batch this collator built
+
+    def __call__(self, examples):
+        import torch
+
+        out = self.collate(examples)
+        mask = out["completion_mask"]
+        if self.phase == "kto":
+            rows = ~out["label"].bool()
+        else:  # trl stacks the chosen rows, then the rejected ones
+            rows = torch.arange(mask.size(0)) >= mask.size(0) // 2
+        end = (out["input_ids"] == self.end_id) & mask.bool() & rows[:, None]
+        self.spared += int(end.any(dim=1).sum())
+        out["completion_mask"] = mask.masked_fill(end.long().cumsum(dim=1) > 0, 0)
+        return out
+
+
 def _quiet(trainer):
     from transformers import PrinterCallback
 
@@ -293,6 +325,8 @@ def _train(config: HeedConfig, *, init_adapter: str | None, dpo_pairs: list[dict
             args = KTOConfig(**common, **weights)
             trainer = KTOTrainer(model=model, args=args, train_dataset=Dataset.from_list(data), processing_class=tokenizer, callbacks=[cb])
         _fix_reference(trainer.model, lc.reference, initial)
+        if lc.spare_end:
+            trainer.data_collator = spared = SpareEnd(trainer.data_collator, tokenizer.eos_token_id, phase=phase)
         with shared_prefixes(trainer.model, enabled=lc.shared_prefixes) as packed:
             if phase != "kto" and lc.precompute_reference:
                 precompute_reference(trainer)
@@ -305,6 +339,8 @@ def _train(config: HeedConfig, *, init_adapter: str | None, dpo_pairs: list[dict
         if "ref" in model.peft_config:
             model.delete_adapter("ref")
         done += result.global_step
+        if lc.spare_end:
+            metrics[f"{phase}_ends_spared"] = spared.spared
         metrics.update({f"{phase}_loss": result.training_loss, f"{phase}_steps": result.global_step,
                         f"{phase}_losses": cb.losses[-50:]})
         metrics.update({f"{phase}_{k.replace('/', '_')}": v for k, v in cb.last.items() if k.startswith(("rewards", "logps", "kl"))})

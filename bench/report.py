@@ -9,7 +9,7 @@ QUALITY_CHECK = (
     "`heed.quality.degeneration`, the same check the learner's gate uses: not empty; at least 2 words; not cut off "
     "(the model ended it before the token limit); at most 35% of its word 3-grams repeat an earlier one; at most 60% of "
     "its word 4-grams echo the prompt; and, from 8 words on, at least 25% distinct words. The real personas also want an "
-    "answer to the question (`bench.personas.on_topic`): the reply shares at least one content word with it (3-letter "
+    "answer to the question (`heed.quality.on_topic`): the reply shares at least one content word with it (3-letter "
     "stems, stopwords ignored), so an apology or the system prompt said back, which a small model can collapse to, is "
     "not accepted however short or well-formed."
 )

@@ -145,6 +145,10 @@ class LearnerConfig:
     gate_min_degenerate_answers: int = _f(3, "...and by at least this many answers (one odd answer among a few dozen is noise).")
     # The base model's answers were cut 4% of the time at 160 tokens, 9% at 256 (the benchmark's held-out questions).
     gate_max_cutoff_increase: float = _f(0.25, "Refuse when the share of answers that never end (cut at gate_max_new_tokens) rises by more than this.")
+    # With learner.spare_end, benchmark draw 0's asks-back adapter after 16 events opened every answer with "I'm glad you
+    # asked! What's the most popular thing you've tried...?": 12 of the gate's 23 probe answers shared no word with the
+    # question (the base 0, every other adapter of that run at most 3), none degenerate or cut off.
+    gate_max_offtopic_increase: float = _f(0.25, "Refuse when the share of answers that share no content word with the question (heed.quality.on_topic) rises by more than this.")
     # Against the active adapter alone, runs that each stay under a bound add up past it: in benchmark draw 0 asks-back's
     # 16-event candidate cut 38% of the gate's answers, the adapter before it 29%, the base 4%. Refused, that user kept
     # 59% of held-out answers accepted; promoted (max_length 256, one run earlier), it fell to 44%, 38% degenerate.
@@ -196,6 +200,7 @@ class LearnerConfig:
         _check(1 <= self.gate_min_degenerate_answers <= 1000, "learner.gate_min_degenerate_answers", "must be between 1 and 1000")
         _check(1 <= self.gate_min_heldout <= 1000, "learner.gate_min_heldout", "must be between 1 and 1000")
         _check(0.0 <= self.gate_max_cutoff_increase <= 1.0, "learner.gate_max_cutoff_increase", "must be in [0, 1]")
+        _check(0.0 <= self.gate_max_offtopic_increase <= 1.0, "learner.gate_max_offtopic_increase", "must be in [0, 1]")
         _check(self.gate_max_kl > 0, "learner.gate_max_kl", "must be > 0")
         _check(math.isfinite(self.gate_min_margin_gain), "learner.gate_min_margin_gain", "must be a finite number")
         _check(1 <= self.schedule_minutes <= 10_080, "learner.schedule_minutes", "must be between 1 and 10080")

@@ -71,3 +71,33 @@ def degeneration(answer: str, *, prompt: str = "", finished: bool = True, min_wo
 
 def is_sensible(answer: str, *, prompt: str = "", finished: bool = True) -> bool:
     return degeneration(answer, prompt=prompt, finished=finished) is None
+
+
+_STOP = set(
+    "what when where which while with would could should about there their your yours from have this that these those "
+    "into than then them they will just some more most very also make made does doing done being been were was are for "
+    "and the how why who can get got its not but all any each much many way ways good best keep".split())
+_ALPHA = re.compile(r"[a-zA-Z]+")
+
+
+def _content(text: str) -> set[str]:
+    return {w.lower() for w in _ALPHA.findall(text) if len(w) >= 3 and w.lower() not in _STOP}
+
+
+def on_topic(answer: str, prompt: str) -> bool:
+    """Does the answer share a content word with the question (same 3-letter stem, or one word inside
+    the other: "plants" / "houseplants"), stopwords ignored?
+
+    Deliberately lenient: it only rules out replies that answer nothing, like an
+    apology, a question back instead of an answer, or the system prompt said
+    back, which a small model can collapse to. The benchmark's judges and the
+    learner's gate both use it.
+    """
+    if not prompt:
+        return True
+    q = _content(prompt)
+    stems = {w[:3] for w in q}
+    for w in _content(answer):
+        if w[:3] in stems or any(len(w) >= 4 and w.rstrip("s") in x or len(x) >= 4 and x.rstrip("s") in w for x in q):
+            return True
+    return False

@@ -9,7 +9,11 @@ on the user's held-out contexts plus a fixed set of probe prompts:
   than ``gate_max_cutoff_increase`` (a looser bound than for degeneration: a
   user who wants longer answers legitimately gets more of them cut at the
   gate's limit, which is shorter than the serving one);
-- both bounds hold against the base model too (``gate_bounds_from_base``):
+- answers that answer something else (no content word of the question,
+  ``heed.quality.on_topic``) may not rise by more than
+  ``gate_max_offtopic_increase``: an adapter can collapse to one generic reply
+  (a question back instead of an answer) that no other check reads as broken;
+- the bounds hold against the base model too (``gate_bounds_from_base``):
   runs that each rise a little against the adapter before them cannot add up
   past a bound;
 - drift: per-token KL(candidate || base) on the candidate's probe answers;
@@ -36,7 +40,7 @@ from pathlib import Path
 from typing import Callable
 
 from heed.config import HeedConfig, LearnerConfig
-from heed.quality import degeneration
+from heed.quality import degeneration, on_topic
 
 from . import gate_cache
 
@@ -174,41 +178,43 @@ def _unique_prompts(heldout: list[dict], limit: int) -> list[list[dict]]:
     return out
 
 
-def _judge(outs: list[tuple[str, bool]], contexts: list[list[dict]]) -> tuple[float, float, list[str]]:
-    """(degenerate share, cut-off share, reasons) of a set of answers."""
-    reasons, cut = [], 0
+def _judge(outs: list[tuple[str, bool]], contexts: list[list[dict]]) -> tuple[tuple[float, float, float], list[str]]:
+    """((degenerate, cut-off, off-topic shares), reasons) of a set of answers; each answer counts under one share."""
+    reasons, cut, off = [], 0, 0
     for (text, finished), ctx in zip(outs, contexts):
         why = degeneration(text, prompt=ctx[-1]["content"], finished=True)
         if why:
             reasons.append(why)
         elif not finished:
             cut += 1
+        elif not on_topic(text, ctx[-1]["content"]):
+            off += 1
     n = max(len(outs), 1)
-    return len(reasons) / n, cut / n, reasons
+    return (len(reasons) / n, cut / n, off / n), reasons
 
 
-def share_refusals(*, candidate: tuple[float, float], active: tuple[float, float], base: tuple[float, float] | None,
-                   n: int, why: list[str], config: LearnerConfig) -> list[str]:
-    """Why the candidate's (degenerate, cut-off) answer shares refuse it: a rise from the active adapter's, else from the base's.
+def share_refusals(*, candidate: tuple, active: tuple, base: tuple | None, n: int, why: list[str], config: LearnerConfig) -> list[str]:
+    """Why the candidate's (degenerate, cut-off[, off-topic]) answer shares refuse it: a rise from the active adapter's, else the base's.
 
     ``base`` None: the active adapter is the base model (or the bounds from the base are off).
     """
     olds = [(active, "")] + ([(base, " the base model's")] if base is not None else [])
 
-    def degenerate(old: float) -> bool:
+    def rose(i: int, old: float, bound: float) -> bool:
         # A share and a count: with a couple of dozen answers one odd answer is noise, a rising share is not.
-        rise = candidate[0] - old
-        return rise > config.gate_max_degenerate_increase and round(rise * n) >= config.gate_min_degenerate_answers
+        rise = candidate[i] - old
+        return rise > bound and round(rise * n) >= config.gate_min_degenerate_answers
 
+    checks = [(0, config.gate_max_degenerate_increase, f"degenerate answers rose from{{}} {{:.0%}} to {candidate[0]:.0%} ({', '.join(sorted(set(why)))})"),
+              (1, config.gate_max_cutoff_increase, f"answers that never end rose from{{}} {{:.0%}} to {candidate[1]:.0%}")]
+    if len(candidate) > 2:
+        checks.append((2, config.gate_max_offtopic_increase, f"answers off the question's topic rose from{{}} {{:.0%}} to {candidate[2]:.0%}"))
     reasons = []
-    for (deg, _), name in olds:
-        if degenerate(deg):
-            reasons.append(f"degenerate answers rose from{name} {deg:.0%} to {candidate[0]:.0%} ({', '.join(sorted(set(why)))})")
-            break
-    for (_, cut), name in olds:
-        if candidate[1] - cut > config.gate_max_cutoff_increase:
-            reasons.append(f"answers that never end rose from{name} {cut:.0%} to {candidate[1]:.0%}")
-            break
+    for i, bound, text in checks:
+        for shares, name in olds:
+            if rose(i, shares[i], bound):
+                reasons.append(text.format(name, shares[i]))
+                break
     return reasons
 
 
@@ -307,10 +313,10 @@ def _evaluate(config: HeedConfig, *, candidate_dir: str, active_dir: str | None,
     elif base_new:
         gate_cache.add_to_base(base_file, settings, base_known, {keys[i]: list(a) for i, a in base_new.items()})
     timings = {"generate_s": time.perf_counter() - t0}
-    deg_c, cut_c, why_c = _judge(cand_out, contexts)
-    deg_a, cut_a, _ = _judge(act_out, contexts)
+    shares_c, why_c = _judge(cand_out, contexts)
+    shares_a, _ = _judge(act_out, contexts)
     base_out = [base_new[i] if i in base_new else tuple(base_known[keys[i]]) for i in range(len(chats))] if from_base else act_out
-    deg_b, cut_b, _ = _judge(base_out, contexts)
+    shares_b, _ = _judge(base_out, contexts)
 
     t1 = time.perf_counter()
     with torch.inference_mode():
@@ -341,7 +347,7 @@ def _evaluate(config: HeedConfig, *, candidate_dir: str, active_dir: str | None,
     gain = sum(gains) / len(gains) if gains else None
     margin = sum(margins) / len(margins) if margins else None
 
-    reasons = share_refusals(candidate=(deg_c, cut_c), active=(deg_a, cut_a), base=(deg_b, cut_b) if from_base else None,
+    reasons = share_refusals(candidate=shares_c, active=shares_a, base=shares_b if from_base else None,
                              n=len(contexts), why=why_c, config=lc)
     if kl > lc.gate_max_kl:
         reasons.append(f"drift from the base KL {kl:.2f} > {lc.gate_max_kl}")
@@ -362,12 +368,8 @@ def _evaluate(config: HeedConfig, *, candidate_dir: str, active_dir: str | None,
         "active_answers_generated": len(act_new),
         "base_answers_generated": len(base_new),
         "heldout_scored": {role: len(v) for role, v in held["scored"].items()},
-        "degenerate_candidate": deg_c,
-        "degenerate_active": deg_a,
-        "cutoff_candidate": cut_c,
-        "cutoff_active": cut_a,
-        "degenerate_base": deg_b,
-        "cutoff_base": cut_b,
+        **{f"{share}_{who}": v[i] for share, i in (("degenerate", 0), ("cutoff", 1), ("offtopic", 2))
+           for who, v in (("candidate", shares_c), ("active", shares_a), ("base", shares_b))},
         "mean_words_candidate": words(cand_out),
         "mean_words_active": words(act_out),
         "kl_from_base": kl,

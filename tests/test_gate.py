@@ -192,8 +192,11 @@ def test_held_out_scores_kept_from_before_give_the_same_figures(trained):
     ((0.0, 0.20), (0.0, 0.10), (0.0, 0.04), None),                                    # inside both bounds
     ((0.30, 0.0), (0.20, 0.0), (0.0, 0.0), "degenerate answers rose from the base model's 0%"),
     ((0.30, 0.0), (0.0, 0.0), (0.0, 0.0), "degenerate answers rose from 0%"),         # one reason per share
+    ((0.0, 0.0, 0.52), (0.0, 0.0, 0.04), (0.0, 0.0, 0.0), "answers off the question's topic rose from 4% to 52%"),
+    ((0.0, 0.0, 0.30), (0.0, 0.0, 0.12), (0.0, 0.0, 0.0), "off the question's topic rose from the base model's 0%"),
+    ((0.0, 0.0, 0.12), (0.0, 0.0, 0.0), (0.0, 0.0, 0.0), None),                       # a brief adapter's few terse answers
 ])
-def test_degenerate_and_cut_off_shares_are_bounded_from_the_active_adapter_and_from_the_base(candidate, active, base, refused):
+def test_degenerate_cut_off_and_off_topic_shares_are_bounded_from_the_active_adapter_and_from_the_base(candidate, active, base, refused):
     from heed.config import LearnerConfig
     from learner.gate import share_refusals
 
@@ -228,3 +231,14 @@ def test_the_bounds_from_the_base_answer_new_contexts_with_the_base_once(trained
     assert skipped["degenerate_base"] == skipped["degenerate_active"] < 1.0
     on = evaluate(h.config, candidate_dir=active, active_dir=active, heldout=fresh)
     assert on["base_answers_generated"] == 1 and on["degenerate_base"] == 1.0
+
+
+def test_answers_that_stop_answering_the_question_count_as_off_topic_only_when_they_are_otherwise_sound():
+    from learner.gate import _judge
+
+    contexts = [[{"role": "user", "content": q}] for q in ("How do I boil an egg?", "Why is the sky blue?", "What makes bread rise?")]
+    outs = [("I'm glad you asked! What's the most popular thing you've tried with your own home?", True),  # a question back
+            ("The sky looks blue because air scatters blue light the most.", True),
+            ("I'm glad you asked! What's the most popular thing you've tried lately and", False)]         # cut off, not off topic
+    (deg, cut, off), _ = _judge(outs, contexts)
+    assert (deg, cut, off) == (0.0, pytest.approx(1 / 3), pytest.approx(1 / 3))

@@ -148,7 +148,7 @@ class LearnerConfig:
     # With learner.spare_end, benchmark draw 0's asks-back adapter after 16 events opened every answer with "I'm glad you
     # asked! What's the most popular thing you've tried...?": 12 of the gate's 23 probe answers shared no word with the
     # question (the base 0, every other adapter of that run at most 3), none degenerate or cut off.
-    gate_max_offtopic_increase: float = _f(0.25, "Refuse when the share of answers that share no content word with the question (heed.quality.on_topic) rises by more than this.")
+    gate_max_offtopic_increase: float = _f(0.25, "Refuse when the share of answers that answer nothing (degenerate, or sharing no content word with the question: heed.quality.on_topic) rises by more than this.")
     # Against the active adapter alone, runs that each stay under a bound add up past it: in benchmark draw 0 asks-back's
     # 16-event candidate cut 38% of the gate's answers, the adapter before it 29%, the base 4%. Refused, that user kept
     # 59% of held-out answers accepted; promoted (max_length 256, one run earlier), it fell to 44%, 38% degenerate.

@@ -9,10 +9,10 @@ on the user's held-out contexts plus a fixed set of probe prompts:
   than ``gate_max_cutoff_increase`` (a looser bound than for degeneration: a
   user who wants longer answers legitimately gets more of them cut at the
   gate's limit, which is shorter than the serving one);
-- answers that answer something else (no content word of the question,
-  ``heed.quality.on_topic``) may not rise by more than
-  ``gate_max_offtopic_increase``: an adapter can collapse to one generic reply
-  (a question back instead of an answer) that no other check reads as broken;
+- answers that answer nothing (degenerate, or sound but sharing no content
+  word with the question: ``heed.quality.on_topic``) may not rise by more
+  than ``gate_max_offtopic_increase``: an adapter can collapse to one generic
+  reply (a question back instead of an answer) that no other check reads as broken;
 - the bounds hold against the base model too (``gate_bounds_from_base``):
   runs that each rise a little against the adapter before them cannot add up
   past a bound;
@@ -200,20 +200,26 @@ def share_refusals(*, candidate: tuple, active: tuple, base: tuple | None, n: in
     """
     olds = [(active, "")] + ([(base, " the base model's")] if base is not None else [])
 
-    def rose(i: int, old: float, bound: float) -> bool:
+    def share(v: tuple, i: int) -> float:
+        # Index 2 bounds the answers that answer nothing: degenerate or off topic. A sound answer about something
+        # else is no worse than a broken one (the tiny test model's blank lines turned into sentences).
+        return v[0] + v[2] if i == 2 else v[i]
+
+    def rose(i: int, old: tuple, bound: float) -> bool:
         # A share and a count: with a couple of dozen answers one odd answer is noise, a rising share is not.
-        rise = candidate[i] - old
+        rise = share(candidate, i) - share(old, i)
         return rise > bound and round(rise * n) >= config.gate_min_degenerate_answers
 
     checks = [(0, config.gate_max_degenerate_increase, f"degenerate answers rose from{{}} {{:.0%}} to {candidate[0]:.0%} ({', '.join(sorted(set(why)))})"),
               (1, config.gate_max_cutoff_increase, f"answers that never end rose from{{}} {{:.0%}} to {candidate[1]:.0%}")]
     if len(candidate) > 2:
-        checks.append((2, config.gate_max_offtopic_increase, f"answers off the question's topic rose from{{}} {{:.0%}} to {candidate[2]:.0%}"))
+        checks.append((2, config.gate_max_offtopic_increase,
+                       f"answers that answer nothing (degenerate or off the question's topic) rose from{{}} {{:.0%}} to {share(candidate, 2):.0%}"))
     reasons = []
     for i, bound, text in checks:
-        for shares, name in olds:
-            if rose(i, shares[i], bound):
-                reasons.append(text.format(name, shares[i]))
+        for old, name in olds:
+            if rose(i, old, bound):
+                reasons.append(text.format(name, share(old, i)))
                 break
     return reasons
 

@@ -192,9 +192,11 @@ def test_held_out_scores_kept_from_before_give_the_same_figures(trained):
     ((0.0, 0.20), (0.0, 0.10), (0.0, 0.04), None),                                    # inside both bounds
     ((0.30, 0.0), (0.20, 0.0), (0.0, 0.0), "degenerate answers rose from the base model's 0%"),
     ((0.30, 0.0), (0.0, 0.0), (0.0, 0.0), "degenerate answers rose from 0%"),         # one reason per share
-    ((0.0, 0.0, 0.52), (0.0, 0.0, 0.04), (0.0, 0.0, 0.0), "answers off the question's topic rose from 4% to 52%"),
-    ((0.0, 0.0, 0.30), (0.0, 0.0, 0.12), (0.0, 0.0, 0.0), "off the question's topic rose from the base model's 0%"),
+    ((0.0, 0.0, 0.52), (0.0, 0.0, 0.04), (0.0, 0.0, 0.0), "off the question's topic) rose from 4% to 52%"),
+    ((0.0, 0.0, 0.30), (0.0, 0.0, 0.12), (0.0, 0.0, 0.0), "off the question's topic) rose from the base model's 0%"),
     ((0.0, 0.0, 0.12), (0.0, 0.0, 0.0), (0.0, 0.0, 0.0), None),                       # a brief adapter's few terse answers
+    ((0.10, 0.0, 0.20), (0.0, 0.0, 0.0), None, "answer nothing"),                      # broken or off topic: 30 points
+    ((0.0, 0.0, 1.0), (1.0, 0.0, 0.0), None, None),                                    # blank lines became sentences
 ])
 def test_degenerate_cut_off_and_off_topic_shares_are_bounded_from_the_active_adapter_and_from_the_base(candidate, active, base, refused):
     from heed.config import LearnerConfig

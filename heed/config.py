@@ -116,7 +116,7 @@ class LearnerConfig:
     extension_pairs: str = _f("dpo", "A pair whose chosen answer is the rejected one plus an addition (a question, a sign-off): 'dpo' trains it as any pair; 'sft' by the SFT term alone (there DPO can only learn 'do not stop here'). Ignored with paired_loss 'kto'.")
     # Every rejected answer and thumbs-down ends with the end-of-turn token; DPO and KTO push its probability down where
     # such an answer stopped, wherever its flaw was, and an edit that only adds a line pushes "stop here" down outright.
-    spare_end: bool = _f(False, "Leave the end-of-turn token out of what DPO lowers in a rejected answer and KTO in an undesirable one: an answer is worse for what it says, not for ending.")
+    spare_end: bool = _f(True, "Leave the end-of-turn token out of what DPO lowers in a rejected answer and KTO in an undesirable one: an answer is worse for what it says, not for ending.")
     edit_weight: float = _f(1.0, "How many times an edit's pair and answer count against a vote's or a pick's: the user wrote that answer (rounded to copies).")
     shared_prefixes: bool = _f(True, "Compute what a batch's rows share (the prompt, an answer an edit repeats) once, as a token tree: the same numbers up to float rounding, fewer tokens (learner/packing.py).")
     precompute_reference: bool = _f(True, "Score the DPO pairs under the reference once before training, not at every step (the same numbers, a quarter fewer forward passes over 3 epochs).")

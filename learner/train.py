@@ -198,7 +198,10 @@ class SpareEnd:
         if self.phase == "kto":
             rows = ~out["label"].bool()
         else:  # trl stacks the chosen rows, then the rejected ones
-            rows = torch.arange(mask.size(0)) >= mask.size(0) // 2
+            n = mask.size(0) // 2
+            rows = torch.arange(mask.size(0)) >= n
+            # A row trained by the SFT term alone (learner.extension_pairs 'sft') has rejected = chosen: a zero margin.
+            rows[n:] &= ~(out["input_ids"][:n] == out["input_ids"][n:]).all(dim=1)
         end = (out["input_ids"] == self.end_id) & mask.bool() & rows[:, None]
         self.spared += int(end.any(dim=1).sum())
         out["completion_mask"] = mask.masked_fill(end.long().cumsum(dim=1) > 0, 0)

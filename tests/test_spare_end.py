@@ -22,6 +22,8 @@ def test_a_rejected_answers_end_is_left_out_of_the_dpo_loss_and_the_chosen_keeps
     assert after["completion_mask"][2].tolist() == [0, 0, 1, 0, 0, 0], "rejected: the answer, not its end or what follows"
     assert after["completion_mask"][3].tolist() == before["completion_mask"][3].tolist() == [0, 1, 1, 1, 1, 0]
     assert spared.spared == 1
+    same = [{"prompt_ids": [5], "chosen_ids": [7, END, 9], "rejected_ids": [7, END, 9]}]  # extension_pairs 'sft': a zero margin
+    assert SpareEnd(DataCollatorForPreference(pad_token_id=0), END, phase="dpo")(same)["completion_mask"].tolist() == [[0, 1, 1, 1]] * 2
 
 
 def test_an_undesirable_answers_end_is_left_out_of_the_kto_loss_and_the_kl_rows_are_untouched():

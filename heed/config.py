@@ -142,7 +142,7 @@ class LearnerConfig:
     gate_max_contexts: int = _f(16, "At most this many of the user's held-out contexts are among the gate's answers...")
     gate_answers: int = _f(24, "...which are always this many: probe prompts fill the rest (at most 24), so the gate costs the same for any history.")
     gate_max_degenerate_increase: float = _f(0.15, "Refuse when the share of empty, one-word, echoed or repetitive answers rises by more than this...")
-    gate_min_degenerate_answers: int = _f(3, "...and by at least this many answers (one odd answer among a few dozen is noise).")
+    gate_min_degenerate_answers: int = _f(3, "...and by at least this many answers, for every share bound of the gate (one odd answer among a few dozen is noise).")
     # The base model's answers were cut 4% of the time at 160 tokens, 9% at 256 (the benchmark's held-out questions).
     gate_max_cutoff_increase: float = _f(0.25, "Refuse when the share of answers that never end (cut at gate_max_new_tokens) rises by more than this.")
     # With learner.spare_end, benchmark draw 0's asks-back adapter after 16 events opened every answer with "I'm glad you

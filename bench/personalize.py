@@ -125,7 +125,8 @@ def _learn(heed, uid: int) -> dict:
             "reward_accuracy": gate.get("implicit_reward_accuracy"), "gate_degenerate": gate.get("degenerate_candidate"),
             "gate_kl": gate.get("kl_from_base"), "gate_cutoff": gate.get("cutoff_candidate"),
             "gate_cutoff_active": gate.get("cutoff_active"), "gate_cutoff_base": gate.get("cutoff_base"),
-            "rows": r.get("rows")}
+            "rows": r.get("rows"),
+            "attempts": [{k: a.get(k) for k in ("step", "promote", "reasons")} for a in r.get("attempts") or []]}
 
 
 class Track:

@@ -153,6 +153,10 @@ class LearnerConfig:
     # 16-event candidate cut 38% of the gate's answers, the adapter before it 29%, the base 4%. Refused, that user kept
     # 59% of held-out answers accepted; promoted (max_length 256, one run earlier), it fell to 44%, 38% degenerate.
     gate_bounds_from_base: bool = _f(True, "The degeneration and cut-off bounds hold against the base model too, not only the active adapter (runs each under a bound cannot add up past it).")
+    # A refusal says the step went too far (a collapse into one reply, drift, forgotten answers), not that the feedback
+    # was wrong: like a line search, the run judges a point nearer its start on the same path (learner/shrink.py).
+    gate_retries: int = _f(1, "When the gate refuses a candidate, judge an adapter part of the way from the run's start to it, up to this many times (0: a refused run ends there); costs a gate pass each, not a training run.")
+    gate_retry_step: float = _f(0.5, "How far along the refused candidate's step each retry goes, as a share of the attempt before it.")
     gate_max_kl: float = _f(2.0, "Refuse when per-token KL from the base on probe prompts exceeds this (nats).")
     # DPO lowers held-out chosen likelihood by 0.1-0.4 nats/token even when answers get better: every candidate
     # the old -0.1 refused in the full benchmark was as good or better by its persona's judge (bench/results/gate_audit.json).
@@ -201,6 +205,8 @@ class LearnerConfig:
         _check(1 <= self.gate_min_heldout <= 1000, "learner.gate_min_heldout", "must be between 1 and 1000")
         _check(0.0 <= self.gate_max_cutoff_increase <= 1.0, "learner.gate_max_cutoff_increase", "must be in [0, 1]")
         _check(0.0 <= self.gate_max_offtopic_increase <= 1.0, "learner.gate_max_offtopic_increase", "must be in [0, 1]")
+        _check(0 <= self.gate_retries <= 5, "learner.gate_retries", "must be between 0 and 5")
+        _check(0.0 < self.gate_retry_step < 1.0, "learner.gate_retry_step", "must be in (0, 1): a retry takes a shorter step")
         _check(self.gate_max_kl > 0, "learner.gate_max_kl", "must be > 0")
         _check(math.isfinite(self.gate_min_margin_gain), "learner.gate_min_margin_gain", "must be a finite number")
         _check(1 <= self.schedule_minutes <= 10_080, "learner.schedule_minutes", "must be between 1 and 10080")

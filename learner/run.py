@@ -31,6 +31,7 @@ from heed.config import HeedConfig
 from heed.store import Store, StoreError
 
 from .pairs import build_examples, counts
+from .shrink import shrink_step
 
 log = logging.getLogger(__name__)
 
@@ -222,24 +223,8 @@ def learn_user(config: HeedConfig, store: Store, *, user_id: int, trigger: str =
         step("before_train")
         if show:
             show("load", 0.0)
-        from .train import train_adapter
-
-        t1 = time.perf_counter()
-        metrics = train_adapter(config, init_adapter=active["path"] if active else None, dpo_pairs=dpo, kto_examples=kto,
-                                out_dir=tmp, progress=show, keepalive=keepalive, before_save=lambda: step("before_save"))
-        timings["train_s"] = time.perf_counter() - t1
-        gc.collect()  # the trainer's model copy goes before the gate loads its own: lower peak memory
-        release_freed_memory()
-        step("after_save")
-        verdict = {"promote": True, "reasons": []}
-        if lc.gate_enabled:
-            from .gate import evaluate
-
-            t2 = time.perf_counter()
-            verdict = evaluate(config, candidate_dir=str(tmp), active_dir=active["path"] if active else None,
-                               heldout=heldout, progress=show)
-            timings["gate_s"] = time.perf_counter() - t2
-            gc.collect()
+        metrics, verdict, attempts = _train_and_judge(config, dpo=dpo, kto=kto, active=active, heldout=heldout, out_dir=tmp,
+                                                      show=show, keepalive=keepalive, step=step, timings=timings)
         if not keepalive():
             raise StoreError("this run no longer holds the user's lease; not promoting")
         step("before_rename")
@@ -248,7 +233,7 @@ def learn_user(config: HeedConfig, store: Store, *, user_id: int, trigger: str =
         step("before_commit")
         status = "promoted" if verdict["promote"] else "rejected"
         timings["seconds"] = time.perf_counter() - t0
-        all_metrics = {**base_metrics, **metrics, **timings, "gate": verdict,
+        all_metrics = {**base_metrics, **metrics, **timings, "gate": verdict, "attempts": attempts,
                        "previous_version": active["version"] if active else None}
         store.promote(user_id=user_id, run_id=run_id, holder=holder, version=version, path=str(final), feedback_ids=fb_ids,
                       pairs=examples, metrics=all_metrics, status="active" if verdict["promote"] else "rejected")
@@ -261,7 +246,7 @@ def learn_user(config: HeedConfig, store: Store, *, user_id: int, trigger: str =
         if progress:
             progress("done", 1.0)
         return {"status": status, "version": version, **summary, "reasons": verdict["reasons"],
-                "seconds": timings["seconds"], "timings": timings, "gate": verdict, "pruned": pruned,
+                "seconds": timings["seconds"], "timings": timings, "gate": verdict, "attempts": attempts, "pruned": pruned,
                 "rows": {k: metrics.get(k) for k in ("dpo_rows", "prefer_rows", "kto_rows", "rows_cut")}}
     except Exception as exc:
         log.error("learner run for user %s failed: %s", user_id, exc)
@@ -284,6 +269,55 @@ def learn_user(config: HeedConfig, store: Store, *, user_id: int, trigger: str =
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
         store.release_lease(user_id=user_id, holder=holder)
+
+
+def _train_and_judge(config: HeedConfig, *, dpo: list[dict], kto: list[dict], active: dict | None, heldout: list[dict],
+                     out_dir: Path, show: Progress | None, keepalive: Callable[[], bool], step: Fault,
+                     timings: dict[str, float]) -> tuple[dict, dict, list[dict]]:
+    """Train a candidate into ``out_dir`` and judge it; when the gate refuses it, judge adapters part of the way from
+    the run's start to it (``learner.gate_retries``, learner/shrink.py). ``out_dir`` ends holding the last one judged.
+    Returns (train metrics, the last verdict, one entry per adapter judged)."""
+    from .train import train_adapter
+
+    lc = config.learner
+    start = active["path"] if active else None
+    t1 = time.perf_counter()
+    metrics = train_adapter(config, init_adapter=start, dpo_pairs=dpo, kto_examples=kto, out_dir=out_dir, progress=show,
+                            keepalive=keepalive, before_save=lambda: step("before_save"))
+    timings["train_s"] = time.perf_counter() - t1
+    gc.collect()  # the trainer's model copy goes before the gate loads its own: lower peak memory
+    release_freed_memory()
+    step("after_save")
+    if not lc.gate_enabled:
+        return metrics, {"promote": True, "reasons": []}, []
+    from .gate import evaluate
+
+    # The refused full step, beside out_dir under a temp name (a crash leaves it to clean_leftovers).
+    full = out_dir.with_name(out_dir.name + "-full")
+    attempts: list[dict] = []
+    t = 1.0
+    try:
+        for attempt in range(1 + lc.gate_retries):
+            if attempt:
+                if not keepalive():
+                    raise StoreError("this run no longer holds the user's lease; not retrying")
+                if not full.exists():
+                    os.replace(out_dir, full)
+                shutil.rmtree(out_dir, ignore_errors=True)
+                t *= lc.gate_retry_step
+                shrink_step(start_dir=start, candidate_dir=full, out_dir=out_dir, t=t)
+                log.info("gate refused the candidate (%s); judging %.0f%% of its step", "; ".join(verdict["reasons"]), 100 * t)
+            t2 = time.perf_counter()
+            verdict = evaluate(config, candidate_dir=str(out_dir), active_dir=start, heldout=heldout, progress=show)
+            took = time.perf_counter() - t2
+            timings["gate_s"] = timings.get("gate_s", 0.0) + took
+            gc.collect()
+            attempts.append({"step": t, "promote": verdict["promote"], "reasons": verdict["reasons"], "gate_s": took})
+            if verdict["promote"]:
+                break
+    finally:
+        shutil.rmtree(full, ignore_errors=True)
+    return metrics, verdict, attempts
 
 
 def learn_all(config: HeedConfig, store: Store, *, trigger: str = "schedule",

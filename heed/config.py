@@ -153,9 +153,11 @@ class LearnerConfig:
     # 16-event candidate cut 38% of the gate's answers, the adapter before it 29%, the base 4%. Refused, that user kept
     # 59% of held-out answers accepted; promoted (max_length 256, one run earlier), it fell to 44%, 38% degenerate.
     gate_bounds_from_base: bool = _f(True, "The degeneration and cut-off bounds hold against the base model too, not only the active adapter (runs each under a bound cannot add up past it).")
-    # A refusal says the step went too far (a collapse into one reply, drift, forgotten answers), not that the feedback
-    # was wrong: like a line search, the run judges a point nearer its start on the same path (learner/shrink.py).
-    gate_retries: int = _f(1, "When the gate refuses a candidate, judge an adapter part of the way from the run's start to it, up to this many times (0: a refused run ends there); costs a gate pass each, not a training run.")
+    # A refusal could mean the step went too far (a collapse into one reply, drift, forgotten answers), so a run may judge a
+    # point nearer its start on the same path, like a line search (learner/shrink.py). Off: in benchmark draw 0 the half
+    # steps the gate passed served their users worse than the adapters kept (asks-back 56% against 69% after 16 events,
+    # a third of its answers off topic; signs-off 91% against 97%), bench/retry.yaml.
+    gate_retries: int = _f(0, "When the gate refuses a candidate, judge an adapter part of the way from the run's start to it, up to this many times (0: a refused run ends there); each costs a gate pass, not a training run.")
     gate_retry_step: float = _f(0.5, "How far along the refused candidate's step each retry goes, as a share of the attempt before it.")
     gate_max_kl: float = _f(2.0, "Refuse when per-token KL from the base on probe prompts exceeds this (nats).")
     # DPO lowers held-out chosen likelihood by 0.1-0.4 nats/token even when answers get better: every candidate

@@ -39,6 +39,7 @@ def recorded(monkeypatch):
 
 
 def _user(tmp_path, tiny_model_path, engine, **learner_opts):
+    learner_opts = {"gate_retries": 1, **learner_opts}
     h = service(learner_config(tmp_path, tiny_model_path, heldout_fraction=0.0, **learner_opts), engine)
     uid = h.add_user("alice", "pw")
     edit_answers(h, uid, [f"Short answer {i}." for i in range(3)])
@@ -99,7 +100,10 @@ def test_a_run_refused_after_its_retries_is_rejected_once(tmp_path, tiny_model_p
     assert _folders(h, uid) == ["v0001"] and len(h.store.list_runs(user_id=uid)) == 1
 
 
-def test_no_retry_when_retries_are_off(tmp_path, tiny_model_path, shared_tiny_engine, recorded):
+def test_no_retry_by_default(tmp_path, tiny_model_path, shared_tiny_engine, recorded):
+    from heed.config import LearnerConfig
+
+    assert LearnerConfig().gate_retries == 0
     judged, trained, verdicts = recorded
     h, uid = _user(tmp_path, tiny_model_path, shared_tiny_engine, gate_retries=0)
     verdicts += [False]

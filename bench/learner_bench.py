@@ -207,16 +207,12 @@ def _median(runs: list[dict], key: str) -> float:
     return statistics.median(r[key] for r in runs)
 
 
-PARTS = ("plain", "learner", "history")
-
-
 def run_learner_bench(config_path: str, out: str | os.PathLike, *, repeats: int = 3, events: int = 16, history_factor: int = 10,
-                      parts: tuple[str, ...] = PARTS, say=print) -> dict:
+                      say=print) -> dict:
     """Run every learner benchmark on ``config_path``'s model; write and return the results.
 
     Keys other tools read: learner_s_per_pair_ratio, learner_peak_rss_ratio,
-    history_10x_time_ratio, feedback_to_promoted_s (all medians). ``parts`` leaves some out (with only
-    'learner': a new user's run on ``events`` edits, learner_run_s and feedback_to_promoted_s alone).
+    history_10x_time_ratio, feedback_to_promoted_s (all medians).
     """
     from heed.config import load_config
     from heed.models import resolve_model
@@ -239,25 +235,13 @@ def run_learner_bench(config_path: str, out: str | os.PathLike, *, repeats: int 
 
         for r in range(repeats):
             say(f"learner bench: round {r + 1}/{repeats} (plain TRL, learner, history 1x, history {history_factor}x)")
-            if "plain" in parts:
-                runs["plain"].append(_run_child("plain", spec("plain", r)))
+            runs["plain"].append(_run_child("plain", spec("plain", r)))
             runs["learner"].append(_run_child("learner", spec("learner", r)))
             adapter = runs["learner"][-1]["adapter"]
-            if "history" in parts:
-                runs["history_1x"].append(_run_child("learner", spec("h1", r, history=events, adapter=adapter)))
-                runs["history_10x"].append(_run_child("learner", spec("h10", r, history=events * history_factor, adapter=adapter)))
+            runs["history_1x"].append(_run_child("learner", spec("h1", r, history=events, adapter=adapter)))
+            runs["history_10x"].append(_run_child("learner", spec("h10", r, history=events * history_factor, adapter=adapter)))
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    if set(parts) != set(PARTS):
-        res = {"config_file": str(config_path), "model": Path(model).name, "torch_threads": threads, "repeats": repeats, "events": events,
-               "parts": list(parts), "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-               "load_avg_at_start": os.getloadavg(),
-               "feedback_to_promoted_s": _median(runs["learner"], "feedback_to_adapter_s"),
-               "learner_run_s": _median(runs["learner"], "seconds"),
-               "learner_s_per_pair": _median(runs["learner"], "seconds_without_gate") / runs["learner"][0]["pairs"],
-               "runs": {k: v for k, v in runs.items() if v}, "minutes": round((time.time() - t_start) / 60, 1)}
-        _write(out, res)
-        return res
 
     plain_s = _median(runs["plain"], "seconds") / runs["plain"][0]["pairs"]
     learner_s = _median(runs["learner"], "seconds_without_gate") / runs["learner"][0]["pairs"]
@@ -277,14 +261,10 @@ def run_learner_bench(config_path: str, out: str | os.PathLike, *, repeats: int 
         "runs": runs, "minutes": round((time.time() - t_start) / 60, 1),
     }
     res["goals"] = {k: {"goal": g, "value": res[k], "met": res[k] <= g} for k, g in GOALS.items()}
-    _write(out, res)
-    return res
-
-
-def _write(out: str | os.PathLike, res: dict) -> None:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=1))
+    return res
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -293,14 +273,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(RESULTS / "learner.json"))
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--events", type=int, default=16, help="new feedback events (edits) per run")
-    p.add_argument("--only", nargs="+", choices=PARTS, default=list(PARTS),
-                   help="measure only these parts; the learner runs (a new user's run on --events edits, gate included) always run, the history ones continue their adapter")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--spec", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
         return _child_main(args.child, args.spec)
-    res = run_learner_bench(args.config, args.out, repeats=args.repeats, events=args.events, parts=tuple(args.only))
+    res = run_learner_bench(args.config, args.out, repeats=args.repeats, events=args.events)
     print(json.dumps({k: v for k, v in res.items() if k not in ("runs",)}, indent=1))
     return 0
 

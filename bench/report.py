@@ -84,6 +84,8 @@ def differences_text(differs: dict, *, ours: str) -> str:
 
 
 def personalize_md(res: dict, *, images: dict[str, str]) -> str:
+    from learner.shrink import describe_attempts
+
     b = res.get("bench", {})
     target, n_held = b.get("target_events"), res.get("n_heldout_prompts")
     lines = [
@@ -190,11 +192,7 @@ def personalize_md(res: dict, *, images: dict[str, str]) -> str:
     for key, rec in res.get("tracks", {}).items():
         for pt in rec["points"][1:]:
             ln = pt["learn"]
-            # A refused attempt before the last (learner.gate_retries) says why the run judged a shorter step.
-            tries = ln.get("attempts") or []
-            refused = [f"{a['step']:.0%} of its step refused: {'; '.join(a['reasons'])}" for a in tries[:-1]]
-            refused += [f"{ln['status']} at {tries[-1]['step']:.0%}"] if refused else []
-            notes = "; ".join(refused + ln["reasons"])
+            notes = "; ".join(describe_attempts(ln.get("attempts") or [], ln["status"]) + ln["reasons"])
             lines.append(f"| {key} | {pt['events']} | {ln['status']} | {ln['seconds']} | {ln.get('n_train_new')} + {ln.get('n_carried') or 0} + {ln.get('n_replay')} | "
                          f"{notes[:200]} |")
     return "\n".join(lines) + "\n"

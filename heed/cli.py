@@ -102,11 +102,9 @@ def cmd_learn(args) -> int:
         result = heed.learn(uid, trigger="cli", progress=_bar(name))
         failed += result["status"] == "failed"
         detail = result.get("reason") or result.get("error") or "; ".join(result.get("reasons") or [])
-        # A run whose candidate the gate refused judged a shorter step (learner.gate_retries): say so.
-        attempts = result.get("attempts") or []
-        retried = [f"{a['step']:.0%} of its step refused: {'; '.join(a['reasons'])}" for a in attempts[:-1]]
-        if retried and result["status"] == "promoted":
-            retried.append(f"promoted at {attempts[-1]['step']:.0%}")
+        from learner.shrink import describe_attempts  # no heavy imports: the steps a refused run judged (gate_retries)
+
+        retried = describe_attempts(result.get("attempts") or [], result["status"])
         detail = "; ".join([*retried, *([detail] if detail else [])])
         version = f" v{result['version']}" if result.get("version") else ""
         print(f"{name}: {result['status']}{version}" + (f" ({detail})" if detail else "") +

@@ -19,28 +19,23 @@ WEIGHTS = "adapter_model.safetensors"
 ADAPTER_FILES = ("adapter_config.json", "README.md")
 
 
-def shrink_step(*, start_dir: str | None, candidate_dir: Path, out_dir: Path, t: float) -> dict:
-    """Write into ``out_dir`` the adapter ``t`` of the way from ``start_dir`` (None: no adapter) to ``candidate_dir``.
-
-    Returns {"step": t, "interpolated": n tensors moved from the start's, "scaled": n lora_B tensors scaled from zero}.
-    """
+def shrink_step(*, start_dir: str | None, candidate_dir: Path, out_dir: Path, t: float) -> None:
+    """Write into ``out_dir`` the adapter ``t`` of the way from ``start_dir`` (None: no adapter) to ``candidate_dir``."""
     from safetensors.torch import load_file, save_file
 
     if not 0.0 < t < 1.0:
         raise ValueError(f"a shorter step is a share in (0, 1), got {t}")
     cand = load_file(str(Path(candidate_dir) / WEIGHTS))
     start = load_file(str(Path(start_dir) / WEIGHTS)) if start_dir else {}
-    out, moved, scaled = {}, 0, 0
+    out = {}
     for name, w in cand.items():
         if start:
             s = start.get(name)
             if s is None or s.shape != w.shape:
                 raise ValueError(f"{name}: the candidate does not continue the adapter in {start_dir}")
             out[name] = (s.float() + t * (w.float() - s.float())).to(w.dtype)
-            moved += 1
         elif "lora_B" in name:
             out[name] = (t * w.float()).to(w.dtype)
-            scaled += 1
         else:  # lora_A: with B scaled, the product moves t of the way whatever A is
             out[name] = w
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -48,4 +43,11 @@ def shrink_step(*, start_dir: str | None, candidate_dir: Path, out_dir: Path, t:
         if (Path(candidate_dir) / f).is_file():
             shutil.copy2(Path(candidate_dir) / f, out_dir / f)
     save_file(out, str(out_dir / WEIGHTS), metadata={"format": "pt"})
-    return {"step": t, "interpolated": moved, "scaled": scaled}
+
+
+def describe_attempts(attempts: list[dict], status: str) -> list[str]:
+    """What a run's refused steps were, for its summary line: [] when its first candidate was final."""
+    if len(attempts) < 2:
+        return []
+    return [f"{a['step']:.0%} of its step refused: {'; '.join(a['reasons'])}" for a in attempts[:-1]] + \
+           [f"{status} at {attempts[-1]['step']:.0%}"]

@@ -159,3 +159,13 @@ def torch_close(a, b) -> bool:
     import torch
 
     return torch.allclose(a.float(), b.float(), atol=1e-6, rtol=1e-5)
+
+
+def test_a_runs_refused_steps_are_described_in_order():
+    from learner.shrink import describe_attempts
+
+    tries = [{"step": 1.0, "reasons": ["drift 3.5 > 2.0"]}, {"step": 0.5, "reasons": ["held-out answers less likely"]},
+             {"step": 0.25, "reasons": ["x"]}]
+    assert describe_attempts(tries, "rejected") == ["100% of its step refused: drift 3.5 > 2.0",
+                                                    "50% of its step refused: held-out answers less likely", "rejected at 25%"]
+    assert describe_attempts(tries[:1], "rejected") == [] and describe_attempts([], "promoted") == []

@@ -138,6 +138,8 @@ def untrainable(config: HeedConfig, dpo_pairs: list[dict], kto_examples: list[di
     """Why these examples cannot train a run (None when they can), by the same rules ``train_adapter`` applies."""
     if config.learner.paired_loss == "dpo" and dpo_pairs:
         return None
+    if config.learner.unpaired == "none" and not dpo_pairs:
+        return "no pair (learner.unpaired is 'none': thumbs and ratings with no partner do not train)"
     singles = (as_kto(dpo_pairs) if config.learner.paired_loss == "kto" else []) + list(kto_examples)
     if len(singles) < 2:
         return "a single unpaired example (KTO needs two)"

@@ -180,7 +180,7 @@ def learn_user(config: HeedConfig, store: Store, *, user_id: int, trigger: str =
         carried = store.unlearned_pairs(user_id=user_id, exclude_feedback=set(fb_ids))
         replay = replay_sample(store, user_id=user_id, exclude=set(fb_ids), size=lc.replay_size, seed=lc.seed + max(fb_ids))
         dpo = [e for e in new_train + carried + replay if e["kind"] == "dpo"]
-        kto = [e for e in new_train + carried + replay if e["kind"] == "kto"]
+        kto = [e for e in new_train + carried + replay if e["kind"] == "kto"] if lc.unpaired == "kto" else []
         # The gate's held-out set: this run's first, then the newest older ones; bounded, so the gate's cost
         # does not grow with the user's history. (sft examples repeat the pairs' chosen answers.)
         heldout = [e for e in examples if e["split"] == "heldout" and e["kind"] != "sft"]

@@ -123,6 +123,7 @@ class LearnerConfig:
     reference: str = _f("base", "DPO/KTO reference: 'base' (the adapter disabled) or 'previous' (a frozen copy of the active adapter).")
     paired_loss: str = _f("dpo", "How pairs train: 'dpo' (DPO + SFT term; unpaired examples get a KTO pass after) or 'kto' (each pair split into a good and a bad example; one KTO pass for all).")
     unpaired: str = _f("kto", "How feedback with no partner trains (a lone thumb, a conversation's rating): 'kto' (a KTO pass before the pairs) or 'none' (it does not train; a thumb still pairs with an opposite vote on the same answer's context, a rating still weighs its conversation's pairs).")
+    kto_max_per_pair: float = _f(0.0, "In a run with pairs, at most this many lone-thumb (KTO) examples per pair, sampled keeping their share of ups and downs (0: no cap); a run of thumbs alone is not capped.")
     kto_weight_balance: bool = _f(True, "Weigh KTO's desirable/undesirable losses so both labels count equally however many of each there are.")
     dtype: str = _f("auto", "Base weights dtype while training (LoRA weights stay fp32; the gate judges in model.dtype): 'auto' (bf16 where the GPU or CPU computes it natively, else fp32), 'model' (model.dtype), float32 or bfloat16.")
     # Room for a whole answer at the serving limit (256 new tokens) plus its prompt: at 256, trl cut the end off 1-4 of
@@ -193,6 +194,7 @@ class LearnerConfig:
         _check(self.reference in ("base", "previous"), "learner.reference", f"must be 'base' or 'previous', got {self.reference!r}")
         _check(self.paired_loss in ("dpo", "kto"), "learner.paired_loss", f"must be 'dpo' or 'kto', got {self.paired_loss!r}")
         _check(self.unpaired in ("kto", "none"), "learner.unpaired", f"must be 'kto' or 'none', got {self.unpaired!r}")
+        _check(0.0 <= self.kto_max_per_pair <= 100.0, "learner.kto_max_per_pair", "must be between 0 and 100")
         _check(self.dtype in ("auto", "model", "float32", "bfloat16"), "learner.dtype", f"must be auto, model, float32 or bfloat16, got {self.dtype!r}")
         _check(16 <= self.max_length <= 32_768, "learner.max_length", "must be between 16 and 32768")
         _check(0 <= self.replay_size <= 100_000, "learner.replay_size", "must be between 0 and 100000")

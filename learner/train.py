@@ -168,6 +168,20 @@ def _epochs(n_rows: int, config: HeedConfig, phase: str = "dpo") -> int:
     return max(lc.epochs, math.ceil(lc.min_steps / per_epoch))
 
 
+def cap_kto(rows: list[dict], n: int, *, rng: random.Random) -> list[dict]:
+    """At most ``n`` of these KTO rows, drawn from each label in proportion (each present label keeps at least one)."""
+    if len(rows) <= n:
+        return rows
+    if n < 2:
+        return []  # KTO needs two
+    groups = [[r for r in rows if r["label"]], [r for r in rows if not r["label"]]]
+    groups = [g for g in groups if g]
+    keep = [max(1, round(n * len(g) / len(rows))) for g in groups]
+    if sum(keep) > max(n, len(groups)):
+        keep[keep.index(max(keep))] -= sum(keep) - max(n, len(groups))
+    return [r for g, k in zip(groups, keep) for r in rng.sample(g, k)]
+
+
 def _steps(n_rows: int, config: HeedConfig, phase: str = "dpo") -> int:
     bs = min(config.learner.batch_size, max(n_rows, 1))
     return math.ceil(n_rows / bs) * _epochs(n_rows, config, phase) if n_rows else 0
@@ -291,6 +305,12 @@ def _train(config: HeedConfig, *, init_adapter: str | None, dpo_pairs: list[dict
     else:
         imitated, preferred = split_imitated(dpo_pairs, config)
         dpo_rows, prefer_rows, kto_rows = rows.dpo(imitated), rows.dpo(preferred, imitated=False), rows.kto(kto_examples)
+    # Lone thumbs are mostly praise of answers the adapter already gives: more of them than pairs outweighed the
+    # pairs' correction (bench/kto_cap.yaml).
+    kto_lone = len(kto_rows)
+    if lc.kto_max_per_pair and dpo_rows + prefer_rows:
+        kto_rows = cap_kto(kto_rows, int(lc.kto_max_per_pair * len(dpo_rows + prefer_rows)), rng=rng)
+    capped = kto_lone - len(kto_rows)
     # KTO estimates its KL term from mismatched examples in a batch: one example cannot train. And with no
     # desirable example it can only push probability away from the answers given, onto anything: measured
     # here, two thumbs-down examples trained that way turned every answer into "- -".
@@ -302,7 +322,7 @@ def _train(config: HeedConfig, *, init_adapter: str | None, dpo_pairs: list[dict
     total = _steps(len(dpo_rows), config) + _steps(len(prefer_rows), config, "prefer") + _steps(len(kto_rows), config, "kto")
     initial = _snapshot(model) if lc.reference == "previous" and init_adapter else {}
     phases = (("kto", kto_rows), ("prefer", prefer_rows), ("dpo", dpo_rows))
-    metrics: dict = {"dpo_rows": len(dpo_rows), "prefer_rows": len(prefer_rows), "kto_rows": len(kto_rows), "rows_cut": rows.cut,
+    metrics: dict = {"dpo_rows": len(dpo_rows), "prefer_rows": len(prefer_rows), "kto_rows": len(kto_rows), "kto_rows_capped": capped, "rows_cut": rows.cut,
                      "torch_threads": torch.get_num_threads(), "reference": lc.reference, "paired_loss": lc.paired_loss,
                      "continued_from": init_adapter, "phases": [p for p, rows_ in phases if rows_], "head_scores_answers_only": compact}
     scratch = out_dir / "trainer"

@@ -38,6 +38,8 @@ def test_unknown_section_is_an_error(tmp_path):
     ("learner:\n  extension_pairs: sft\n  lora_dropout: 0.1\n", "learner.extension_pairs"),
     ("learner:\n  extension_pairs: sft\n  sft_weight: 0\n", "learner.extension_pairs"),
     ("learner:\n  gate_retry_step: 1.0\n", "learner.gate_retry_step"),
+    ("learner:\n  unpaired: thumbs\n", "learner.unpaired"),
+    ("learner:\n  kto_max_per_pair: -1\n", "learner.kto_max_per_pair"),
     ("learner:\n  gate_retries: -1\n", "learner.gate_retries"),
 ])
 def test_bad_value_is_an_error_that_names_the_key(tmp_path, yaml_text, key):

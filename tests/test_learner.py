@@ -280,6 +280,22 @@ def test_praise_alone_waits_for_a_run_with_something_to_fix(tmp_path, tiny_model
     assert m["kto_rows"] == 3 and m["dpo_rows"] >= 1, "the praise trains beside the edit"
 
 
+def test_with_unpaired_none_lone_thumbs_wait_and_never_train(tmp_path, tiny_model_path, shared_tiny_engine):
+    h = service(learner_config(tmp_path, tiny_model_path, heldout_fraction=0.0, unpaired="none"), shared_tiny_engine)
+    uid = h.add_user("alice", "pw")
+    thumb_answers(h, uid, [True, False, True])
+    result = learn(h, uid)
+    assert result["status"] == "skipped" and "learner.unpaired is 'none'" in result["reason"]
+    assert h.store.count_unconsumed(user_id=uid) == 3 and h.store.active_adapter(user_id=uid) is None
+    edit_answers(h, uid, ["Brief answers are good."])
+    result = learn(h, uid)
+    assert result["status"] in ("promoted", "rejected") and result["n_feedback"] == 4
+    m = h.store.list_runs(user_id=uid)[0]["metrics"]
+    assert m["kto_rows"] == 0 and m["dpo_rows"] >= 1 and m["phases"] == ["dpo"]
+    if result["status"] == "promoted":
+        assert h.store.count_unconsumed(user_id=uid) == 0, "the thumbs went with the run they waited for"
+
+
 def test_kto_trains_before_dpo_so_the_sft_anchored_pass_comes_last(tmp_path, tiny_model_path):
     config = learner_config(tmp_path, tiny_model_path, heldout_fraction=0.0)
     config.generation.do_sample = True
@@ -521,3 +537,16 @@ def test_the_heap_the_trainer_freed_goes_back_before_the_gate_loads_its_model(h,
     import platform
 
     assert learner.run.release_freed_memory() is (platform.system() == "Linux" and platform.libc_ver()[0] == "glibc")
+
+
+def test_the_kto_cap_keeps_each_labels_share_and_at_least_one_of_each():
+    import random
+
+    from learner.train import cap_kto
+
+    rows = [{"id": i, "label": i < 9} for i in range(12)]  # 9 ups, 3 downs
+    kept = cap_kto(rows, 4, rng=random.Random(0))
+    assert len(kept) == 4 and sum(r["label"] for r in kept) == 3 and len({r["id"] for r in kept}) == 4
+    lopsided = [{"id": i, "label": i < 11} for i in range(12)]
+    assert sum(not r["label"] for r in cap_kto(lopsided, 3, rng=random.Random(0))) == 1
+    assert cap_kto(rows, 12, rng=random.Random(0)) == rows and cap_kto(rows, 1, rng=random.Random(0)) == []

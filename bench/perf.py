@@ -296,7 +296,8 @@ def run(config_path: str, *, quick: bool, out: Path, skip_learner: bool = False,
     results: dict = {}
     if set(only) != set(SECTIONS) and out.is_file():
         results = json.loads(out.read_text())
-        results["sections_rerun"] = {name: time.strftime("%Y-%m-%d %H:%M") for name in only}
+        # Every section's latest rerun stays on record: the report says when each kept figure was measured.
+        results["sections_rerun"] = {**results.get("sections_rerun", {}), **{name: time.strftime("%Y-%m-%d %H:%M") for name in only}}
     results.update({"config_file": config_path, "settings": s.__dict__, "machine": platform.processor() or platform.machine()})
     with tempfile.TemporaryDirectory(prefix="heed-perf-") as tmp:
         config = load_config(config_path, overrides={"data_dir": tmp, "model": {"name_or_path": str(resolve_model(first))}})

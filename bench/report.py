@@ -252,11 +252,15 @@ def _num(v) -> str:
     return str(v)
 
 
+def _reruns(sections: dict) -> str:
+    return f" Since then {', '.join(f'`--only {k}` rerun on {v}' for k, v in sections.items())}." if sections else ""
+
+
 def perf_md(res: dict) -> str:
     lines = ["# Performance", "",
              f"Model `{res.get('model')}`, torch threads {res.get('torch_threads')}, medians of {res.get('settings', {}).get('runs')} runs; "
              f"took {res.get('seconds', 0) / 60:.1f} min. Regenerate with `heed bench perf`."
-             + "".join(f" Since then `--only {k}` rerun on {v}." for k, v in (res.get("sections_rerun") or {}).items()), "",
+             + _reruns(res.get("sections_rerun") or {}), "",
              "| figure | value | goal | met |", "|---|---|---|---|"]
     for key, label, goal, ok in PERF_ROWS:
         v = res.get(key)

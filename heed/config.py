@@ -121,9 +121,9 @@ class LearnerConfig:
     shared_prefixes: bool = _f(True, "Compute what a batch's rows share (the prompt, an answer an edit repeats) once, as a token tree: the same numbers up to float rounding, fewer tokens (learner/packing.py).")
     precompute_reference: bool = _f(True, "Score the DPO pairs under the reference once before training, not at every step (the same numbers, a quarter fewer forward passes over 3 epochs).")
     reference: str = _f("base", "DPO/KTO reference: 'base' (the adapter disabled) or 'previous' (a frozen copy of the active adapter).")
-    paired_loss: str = _f("dpo", "How pairs train: 'dpo' (DPO + SFT term; unpaired examples get a KTO pass after) or 'kto' (each pair split into a good and a bad example; one KTO pass for all).")
+    paired_loss: str = _f("dpo", "How pairs train: 'dpo' (DPO + SFT term; unpaired examples get a KTO pass before) or 'kto' (each pair split into a good and a bad example; one KTO pass for all).")
     unpaired: str = _f("kto", "How feedback with no partner trains (a lone thumb, a conversation's rating): 'kto' (a KTO pass before the pairs) or 'none' (it does not train; a thumb still pairs with an opposite vote on the same answer's context, a rating still weighs its conversation's pairs).")
-    kto_max_per_pair: float = _f(0.0, "In a run with pairs, at most this many lone-thumb (KTO) examples per pair, sampled keeping their share of ups and downs (0: no cap); a run of thumbs alone is not capped.")
+    kto_max_per_pair: float = _f(0.0, "With paired_loss 'dpo', at most this many lone-thumb (KTO) examples per pair in a run, drawn keeping their share of ups and downs (0: no cap); a run of thumbs alone is not capped.")
     kto_weight_balance: bool = _f(True, "Weigh KTO's desirable/undesirable losses so both labels count equally however many of each there are.")
     dtype: str = _f("auto", "Base weights dtype while training (LoRA weights stay fp32; the gate judges in model.dtype): 'auto' (bf16 where the GPU or CPU computes it natively, else fp32), 'model' (model.dtype), float32 or bfloat16.")
     # Room for a whole answer at the serving limit (256 new tokens) plus its prompt: at 256, trl cut the end off 1-4 of

@@ -247,7 +247,7 @@ def learn_user(config: HeedConfig, store: Store, *, user_id: int, trigger: str =
             progress("done", 1.0)
         return {"status": status, "version": version, **summary, "reasons": verdict["reasons"],
                 "seconds": timings["seconds"], "timings": timings, "gate": verdict, "attempts": attempts, "pruned": pruned,
-                "rows": {k: metrics.get(k) for k in ("dpo_rows", "prefer_rows", "kto_rows", "rows_cut")}}
+                "rows": {k: metrics.get(k) for k in ("dpo_rows", "prefer_rows", "kto_rows", "kto_rows_capped", "rows_cut")}}
     except Exception as exc:
         log.error("learner run for user %s failed: %s", user_id, exc)
         timings["seconds"] = time.perf_counter() - t0

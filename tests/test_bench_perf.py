@@ -41,3 +41,16 @@ def test_report_renders_every_result_file(tmp_path, perf):
     assert main(["--results", str(tmp_path)]) == 0
     page = (tmp_path / "REPORT.md").read_text()
     assert "## Performance" in page and "No personalization results yet" in page
+
+
+def test_a_section_rerun_keeps_the_other_figures_and_every_earlier_reruns_date(tmp_path, perf):
+    from bench.cli import main
+
+    res, _ = perf
+    out = tmp_path / "perf.json"
+    out.write_text(json.dumps({**res, "sections_rerun": {"serving": "2026-01-01 00:00"}, "adapter_switch_ms": 1234.5}))
+    assert main(["perf", "--quick", "--only", "store", "--out", str(out)]) == 0
+    again = json.loads(out.read_text())
+    assert again["adapter_switch_ms"] == 1234.5, "a serving figure was not kept"
+    assert set(again["sections_rerun"]) == {"serving", "store"} and again["sections_rerun"]["serving"] == "2026-01-01 00:00"
+    assert "`--only serving` rerun on 2026-01-01 00:00" in (tmp_path / "perf.md").read_text()

@@ -539,6 +539,19 @@ def test_the_heap_the_trainer_freed_goes_back_before_the_gate_loads_its_model(h,
     assert learner.run.release_freed_memory() is (platform.system() == "Linux" and platform.libc_ver()[0] == "glibc")
 
 
+def test_a_run_with_the_kto_cap_trains_at_most_that_many_thumbs_per_pair(tmp_path, tiny_model_path):
+    config = learner_config(tmp_path, tiny_model_path, heldout_fraction=0.0, gate_enabled=False, kto_max_per_pair=2.0)
+    config.generation.do_sample = True
+    h = service(config)
+    uid = h.add_user("alice", "pw")
+    edit_answers(h, uid, ["Brief answers are good."])
+    thumb_answers(h, uid, [True, False, True, True, False, True, True, True])
+    assert learn(h, uid)["status"] == "promoted"
+    m = h.store.list_runs(user_id=uid)[0]["metrics"]
+    assert m["kto_rows"] == 2 * (m["dpo_rows"] + m["prefer_rows"]) and m["kto_rows"] + m["kto_rows_capped"] == 8
+    assert h.store.count_unconsumed(user_id=uid) == 0, "a capped thumb is consumed with its run"
+
+
 def test_the_kto_cap_keeps_each_labels_share_and_at_least_one_of_each():
     import random
 

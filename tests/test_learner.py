@@ -266,34 +266,31 @@ def test_a_kto_pass_of_only_good_answers_trains_without_trls_balance_warning(tmp
     assert not [r for r in caplog.records if "ideal range" in r.getMessage()]
 
 
-def test_praise_alone_waits_for_a_run_with_something_to_fix(tmp_path, tiny_model_path, shared_tiny_engine):
-    h = service(learner_config(tmp_path, tiny_model_path, heldout_fraction=0.0), shared_tiny_engine)
+def _thumbs_wait_then_train_with_an_edit(h, votes: list[bool], reason: str) -> dict:
+    """Vote on answers, see the run skipped for ``reason`` with the votes kept; then one edit trains. The run's metrics."""
     uid = h.add_user("alice", "pw")
-    thumb_answers(h, uid, [True] * 3)
+    thumb_answers(h, uid, votes)
     result = learn(h, uid)
-    assert result["status"] == "skipped" and "only approves answers" in result["reason"]
-    assert h.store.count_unconsumed(user_id=uid) == 3 and h.store.active_adapter(user_id=uid) is None
+    assert result["status"] == "skipped" and reason in result["reason"]
+    assert h.store.count_unconsumed(user_id=uid) == len(votes) and h.store.active_adapter(user_id=uid) is None
     edit_answers(h, uid, ["Brief answers are good."])
     result = learn(h, uid)
-    assert result["status"] in ("promoted", "rejected") and result["n_feedback"] == 4
-    m = h.store.list_runs(user_id=uid)[0]["metrics"]
+    assert result["status"] in ("promoted", "rejected") and result["n_feedback"] == len(votes) + 1
+    if not h.config.learner.gate_enabled:
+        assert result["status"] == "promoted" and h.store.count_unconsumed(user_id=uid) == 0, "the votes went with the run"
+    return h.store.list_runs(user_id=uid)[0]["metrics"]
+
+
+def test_praise_alone_waits_for_a_run_with_something_to_fix(tmp_path, tiny_model_path, shared_tiny_engine):
+    h = service(learner_config(tmp_path, tiny_model_path, heldout_fraction=0.0), shared_tiny_engine)
+    m = _thumbs_wait_then_train_with_an_edit(h, [True] * 3, "only approves answers")
     assert m["kto_rows"] == 3 and m["dpo_rows"] >= 1, "the praise trains beside the edit"
 
 
 def test_with_unpaired_none_lone_thumbs_wait_and_never_train(tmp_path, tiny_model_path, shared_tiny_engine):
-    h = service(learner_config(tmp_path, tiny_model_path, heldout_fraction=0.0, unpaired="none"), shared_tiny_engine)
-    uid = h.add_user("alice", "pw")
-    thumb_answers(h, uid, [True, False, True])
-    result = learn(h, uid)
-    assert result["status"] == "skipped" and "learner.unpaired is 'none'" in result["reason"]
-    assert h.store.count_unconsumed(user_id=uid) == 3 and h.store.active_adapter(user_id=uid) is None
-    edit_answers(h, uid, ["Brief answers are good."])
-    result = learn(h, uid)
-    assert result["status"] in ("promoted", "rejected") and result["n_feedback"] == 4
-    m = h.store.list_runs(user_id=uid)[0]["metrics"]
+    config = learner_config(tmp_path, tiny_model_path, heldout_fraction=0.0, gate_enabled=False, unpaired="none")
+    m = _thumbs_wait_then_train_with_an_edit(service(config, shared_tiny_engine), [True, False, True], "learner.unpaired is 'none'")
     assert m["kto_rows"] == 0 and m["dpo_rows"] >= 1 and m["phases"] == ["dpo"]
-    if result["status"] == "promoted":
-        assert h.store.count_unconsumed(user_id=uid) == 0, "the thumbs went with the run they waited for"
 
 
 def test_kto_trains_before_dpo_so_the_sft_anchored_pass_comes_last(tmp_path, tiny_model_path):

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from bench.personas import Persona, get, on_topic
 from bench.prompts import split
-from bench.settings import BenchConfig, load_bench_config
+from bench.settings import FULL, QUICK, BenchConfig, load_bench_config
 from bench.summary import fmt, summarize, targets
 from heed.quality import degeneration
 
@@ -147,8 +147,9 @@ class Run:
     their held-out answers are generated together.
     """
 
-    def __init__(self, heed, bench: BenchConfig, *, out: Path, say=print) -> None:
+    def __init__(self, heed, bench: BenchConfig, *, out: Path, say=print, seats: list[str] | None = None) -> None:
         self.heed, self.bench, self.out, self.say = heed, bench, out, say
+        self.seats = list(FULL.personas if seats is None else seats)
         self.train, self.heldout = split(heldout_every=bench.heldout_every)
         if bench.max_heldout:
             self.heldout = self.heldout[:bench.max_heldout]
@@ -203,15 +204,33 @@ class Run:
         from bench.simulate import SimulatedUser
 
         b = self.bench
-        specs = [(n, "all", b.checkpoints) for n in b.personas] + [(n, k, b.kind_checkpoints) for n in b.kind_personas for k in b.kind_tracks]
+        specs = [(n, "all", b.checkpoints) for n in self._seated(b.personas)] + [
+            (n, k, b.kind_checkpoints) for n in b.kind_personas for k in b.kind_tracks]
         out = []
         for name, kind, cps in specs:
+            if name not in b.personas:
+                self.heed.add_user(f"{name}-all-seat", secrets.token_urlsafe(12))
+                continue
             sim = SimulatedUser(self.heed, get(name), track=kind, prompts=self.train, seed=b.seed, chats_per_event=b.chats_per_event)
             tr = Track(sim, name, kind, cps)
             self.results["tracks"][tr.key] = {"persona": name, "kind": kind, "checkpoints": cps,
                                               "points": [{"events": 0, **{k: v for k, v in self.results["base"].items() if k != "samples"}}]}
             out.append(tr)
         return out
+
+    def _seated(self, personas: list[str]) -> list[str]:
+        """The 'all' tracks in the order of the full run, left-out personas included up to the last one here.
+
+        A user's id seeds its regenerated answers and its train/held-out split, so a
+        persona run alone (or with a few others) must get the id it has in the full
+        run to take the same path: a left-out persona before it still gets a user,
+        who never chats.
+        """
+        seated = [n for n in self.seats if n in personas]
+        if not seated:
+            return list(personas)
+        last = self.seats.index(seated[-1])
+        return self.seats[:last + 1] + [n for n in personas if n not in self.seats]
 
     def _concurrently(self, fns) -> None:
         errors: list[BaseException] = []
@@ -311,7 +330,7 @@ def run(config_path: str | None, *, quick: bool, out: Path, bench: BenchConfig, 
     say(f"config {used}; model {config.model.name_or_path}; data {config.data_dir}")
     try:
         heed = Heed(config)
-        r = Run(heed, bench, out=out, say=say)
+        r = Run(heed, bench, out=out, say=say, seats=(QUICK if quick else FULL).personas)
         r.results["config_file"] = used
         if command:
             r.results["command"] = command  # else the report guesses it from the config file

@@ -170,27 +170,29 @@ def test_a_rejudged_run_reproduces_its_own_figures_and_judges_another_decoding(q
     assert "base (best judge)" in compare_md(report, res)
 
 
-def test_a_second_run_gives_the_same_answers_and_figures(quick, tmp_path):
-    """Runs reproduce: users chat at once, regenerate samples, yet every shared point is identical."""
+def test_a_persona_run_alone_takes_the_path_it_took_beside_the_others(quick, tmp_path):
+    """Runs reproduce: users chat at once, regenerate samples, yet every shared point is identical, and a
+    persona run alone gets the user id it had in the full run (ids seed regenerated answers and the split)."""
     from bench.cli import main
 
     first, _ = quick
     cfg = tmp_path / "short.yaml"
-    cfg.write_text("checkpoints: [4, 8]\nkind_personas: []\n")  # the same users, fewer checkpoints, no by-kind users
+    cfg.write_text("personas: [says_hello]\ncheckpoints: [4, 8]\nkind_personas: []\n")  # the second user alone
     out = tmp_path / "personalize.json"
     assert main(["personalize", "--quick", "--bench-config", str(cfg), "--data-dir", str(tmp_path / "data"), "--out", str(out)]) == 0
     second = json.loads(out.read_text())
 
     def shared(res, key):
-        return [{**{k: v for k, v in p.items() if not k.endswith("seconds") and k != "learn"},
-                 "learn": {k: v for k, v in (p.get("learn") or {}).items() if k != "seconds"}}
+        return [{**{k: v for k, v in p.items() if not k.endswith("seconds") and k not in ("learn", "accept", "style_only")},
+                 "learn": {k: v for k, v in (p.get("learn") or {}).items() if k != "seconds"},
+                 "accept": p["accept"]["says_hello"], "style_only": p["style_only"]["says_hello"]}
                 for p in res["tracks"][key]["points"] if p["events"] <= 8]
 
-    for key in ("says_thanks/all", "says_hello/all"):
-        assert len(shared(second, key)) == 3
-        assert shared(second, key) == shared(first, key)
-    assert any(t["events_by_kind"]["comparison"] for t in [second["tracks"][k]["points"][-1] for k in second["tracks"]]), \
-        "no user picked between two sampled answers: the check would not cover regenerate"
+    assert list(second["tracks"]) == ["says_hello/all"]
+    assert len(shared(second, "says_hello/all")) == 3
+    assert shared(second, "says_hello/all") == shared(first, "says_hello/all")
+    assert second["tracks"]["says_hello/all"]["points"][-1]["events_by_kind"]["comparison"], \
+        "the user never picked between two sampled answers: the check would not cover regenerate"
 
 
 def test_a_run_that_dies_midway_leaves_the_last_finished_result_in_place(tmp_path, monkeypatch):

@@ -125,6 +125,11 @@ def _learn(heed, uid: int) -> dict:
             "reward_accuracy": gate.get("implicit_reward_accuracy"), "gate_degenerate": gate.get("degenerate_candidate"),
             "gate_kl": gate.get("kl_from_base"), "gate_cutoff": gate.get("cutoff_candidate"),
             "gate_cutoff_active": gate.get("cutoff_active"), "gate_cutoff_base": gate.get("cutoff_base"),
+            # The gate's own shares against the ones it compares with (its off-topic bound adds the degenerate answers
+            # to the sound ones off the question's topic): beside the held-out figures, what its questions missed.
+            **{f"gate_{share}{s}": gate.get(f"{share}_{w}") for share in ("degenerate", "offtopic")
+               for s, w in (("_active", "active"), ("_base", "base"))},
+            "gate_offtopic": gate.get("offtopic_candidate"),
             "rows": r.get("rows"),
             "attempts": [{k: a.get(k) for k in ("step", "promote", "reasons")} for a in r.get("attempts") or []]}
 

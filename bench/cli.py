@@ -1,4 +1,4 @@
-"""`heed bench personalize|perf|batching|load|gate-audit|rejudge|dtype|recipes|correction-phrasing|report`: every command takes --out FILE and --config FILE."""
+"""`heed bench personalize|perf|batching|load|gate-audit|gate-bounds|rejudge|dtype|recipes|correction-phrasing|report`: every command takes --out FILE and --config FILE."""
 from __future__ import annotations
 
 import importlib.util
@@ -10,6 +10,7 @@ COMMANDS = {
     "batching": ("bench.batching", "continuous batching against whole batches: chatting users, held-out evaluation"),
     "load": ("bench.load", "many users at once against a running server"),
     "gate-audit": ("bench.gate_audit", "after a kept personalize run: was each gate refusal right?"),
+    "gate-bounds": ("bench.gate_bounds", "after a personalize run: what a tighter off-topic bound would have refused"),
     "rejudge": ("bench.rejudge", "after a kept personalize run: its adapters judged again under other generation settings"),
     "dtype": ("bench.dtype", "bf16 against fp32 here: learner and generation speed, batch invariance"),
     "recipes": ("bench.recipes", "learner recipes compared on one fixed set of collected feedback"),

@@ -148,6 +148,17 @@ def test_the_gate_audit_replays_every_adapter_version_of_a_kept_run(quick):
         assert r["status"] in ("active", "retired", "rejected", "deleted")
 
 
+def test_the_gate_shares_a_run_records_replay_to_the_gates_own_decisions(quick):
+    from bench.gate_bounds import replay
+
+    res, _ = quick
+    bound = res["learner_config"]["gate_max_offtopic_increase"]
+    decisions = [d for row in replay(res, bound).values() for d in row["decisions"]]
+    promoted = sum((p.get("learn") or {}).get("status") == "promoted" for t in res["tracks"].values() for p in t["points"])
+    assert promoted and len(decisions) == promoted
+    assert not any(d["refused"] for d in decisions)  # what the gate promoted, its rule on the recorded shares promotes
+
+
 def test_a_rejudged_run_reproduces_its_own_figures_and_judges_another_decoding(quick, tmp_path):
     from bench.rejudge import compare_md, rejudge, run_mismatches, served_at_checkpoints
 

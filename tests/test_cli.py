@@ -88,7 +88,7 @@ def test_backup_and_restore_errors_are_clear(cli, tmp_path):
 def test_bench_help_lists_every_benchmark(capsys):
     assert main(["bench", "--help"]) == 0
     out = capsys.readouterr().out
-    for name in ("personalize", "perf", "load", "gate-audit", "rejudge", "report"):
+    for name in ("personalize", "perf", "load", "gate-audit", "gate-bounds", "rejudge", "report"):
         assert name in out
     with pytest.raises(SystemExit):
         main(["user", "list", "--no-such-option"])

@@ -29,7 +29,7 @@ def _shares(learn: dict, who: str) -> tuple[float, float, float] | None:
 
 
 def replay(results: dict, bound: float) -> dict:
-    """Per track: each judged candidate's decision under ``bound``, and the last checkpoint's figure if it differs."""
+    """Per track: each judged candidate's decision under ``bound`` and the acceptance curve as far as it is known."""
     from heed.config import LearnerConfig
     from learner.gate import share_refusals
 
@@ -51,13 +51,16 @@ def replay(results: dict, bound: float) -> dict:
             decisions.append({"events": p["events"], "refused": bool(reasons), "reasons": reasons,
                               "nothing": {w: round(s[0] + s[2], 3) for w, s in (("candidate", cand), ("active", active), ("base", base)) if s}})
         last = points[-1]
-        row = {"decisions": decisions, "last_events": last["events"], "accept_last": last["accept"][persona]}
-        if diverged_at is None:
-            row["accept_last_with_bound"] = row["accept_last"]
-        elif diverged_at == len(points) - 1:
-            row["accept_last_with_bound"] = points[-2]["accept"][persona]  # the adapter kept is the one measured before
-        else:
-            row["accept_last_with_bound"] = None
+        # Up to the first refusal the user's path is the run's; there the adapter kept is the one measured before.
+        curve = {}
+        for i, pt in enumerate(points):
+            if diverged_at is None or i < diverged_at:
+                curve[str(pt["events"])] = pt["accept"][persona]
+            elif i == diverged_at:
+                curve[str(pt["events"])] = points[i - 1]["accept"][persona]
+        row = {"decisions": decisions, "last_events": last["events"], "accept_last": last["accept"][persona],
+               "curve_with_bound": curve, "accept_last_with_bound": curve.get(str(last["events"]))}
+        if diverged_at is not None and diverged_at < len(points) - 1:
             row["unknown_after"] = points[diverged_at]["events"]
         out[key] = row
     return out
@@ -79,8 +82,8 @@ def main(argv: list[str] | None = None) -> int:
         report["bounds"][str(bound)] = tracks
         cells = []
         for key, row in tracks.items():
-            after = row["accept_last_with_bound"]
-            cells.append(f"{key.split('/')[0]} {row['accept_last']:.0%}->" + (f"{after:.0%}" if after is not None else f"? (refused at {row['unknown_after']})"))
+            curve = " / ".join(f"{v:.0%}" for v in row["curve_with_bound"].values())
+            cells.append(f"{key.split('/')[0]} {curve}" + (f" (then unknown)" if "unknown_after" in row else ""))
         print(f"bound {bound:.2f}: " + ", ".join(cells))
     out = Path(args.out) if args.out else run.with_name(run.stem + "_gate_bounds.json")
     out.write_text(json.dumps(report, indent=1) + "\n")

@@ -34,6 +34,7 @@ def test_an_earlier_refusal_leaves_the_rest_of_the_track_unknown():
 
     row = replay(_run(_point(0, 0.0), _point(4, 0.8, off=0.125), _point(8, 0.6, off=0.125, off_active=0.125)), 0.1)["brief/all"]
     assert row["decisions"][0]["refused"] and row["accept_last_with_bound"] is None and row["unknown_after"] == 4
+    assert row["curve_with_bound"] == {"0": 0.0, "4": 0.0}  # the user keeps the base model at 4 events
 
 
 def test_a_rise_of_fewer_answers_than_the_gate_counts_as_noise_is_not_refused():

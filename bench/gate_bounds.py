@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         cells = []
         for key, row in tracks.items():
             curve = " / ".join(f"{v:.0%}" for v in row["curve_with_bound"].values())
-            cells.append(f"{key.split('/')[0]} {curve}" + (f" (then unknown)" if "unknown_after" in row else ""))
+            cells.append(f"{key.split('/')[0]} {curve}" + (" (then unknown)" if "unknown_after" in row else ""))
         print(f"bound {bound:.2f}: " + ", ".join(cells))
     out = Path(args.out) if args.out else run.with_name(run.stem + "_gate_bounds.json")
     out.write_text(json.dumps(report, indent=1) + "\n")

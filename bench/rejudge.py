@@ -9,7 +9,7 @@ version a simulated user ever had (promoted ones; ``--all`` adds the refused),
 answering the benchmark's held-out prompts exactly as the benchmark does, judged
 by every persona of the run. The first config should reproduce the run's own
 figures (same adapters, same decoding; answers do not depend on their batch-mates,
-README "Runs reproduce"): given the run's result file, the tool checks that,
+docs/MEASUREMENTS.md, "Runs reproduce"): given the run's result file, the tool checks that,
 version by version, and says where it does not.
 
 A variant is a bench config: its ``generation`` overrides apply (decoding, the

@@ -38,7 +38,7 @@ def _check(cond: bool, key: str, msg: str) -> None:
 class ModelConfig:
     name_or_path: str = _f(EMBEDDED_MODEL, "HF model folder, hub-cache id, 'embedded:smollm2' (packaged GGUF) or 'tiny:<seed>' (built offline, for tests).")
     device: str = _f("cpu", "Where the model runs: cpu, cuda, cuda:N or auto.")
-    dtype: str = _f("float32", "Weights dtype: float32, bfloat16, float16 or auto (bf16 where the GPU or CPU computes it natively, else fp32; the embedded model's bf16 answers run past the limit more often, see README).")
+    dtype: str = _f("float32", "Weights dtype: float32, bfloat16, float16 or auto (bf16 where the GPU or CPU computes it natively, else fp32; the embedded model's bf16 answers run past the limit more often, see docs/MEASUREMENTS.md).")
     torch_threads: int = _f(2, "torch.set_num_threads for inference and training; 0 leaves torch's default.")
     max_cached_adapters: int = _f(16, "How many users' adapters the engine keeps loaded (LRU).")
     trust_remote_code: bool = _f(False, "Allow model code from the model folder (off: only transformers' own classes run).")
@@ -67,8 +67,8 @@ class GenerationConfig:
     temperature: float = _f(0.7, "Sampling temperature (used when do_sample).")
     top_p: float = _f(0.9, "Nucleus sampling mass (used when do_sample).")
     repetition_penalty: float = _f(1.0, "Penalty on repeated tokens; 1.0 turns it off.")
-    penalize_end_of_turn: bool = _f(True, "Let repetition_penalty lower the end-of-turn token too, which every chat prompt already holds. Off, fewer answers run past the limit (embedded model, 96 questions: 3 cut off at 256 tokens instead of 10) but in a full benchmark run the adapters learned brevity that leaked into other users' judges (README).")
-    penalty_counts_prompt: bool = _f(True, "Let repetition_penalty count the prompt's tokens (the question's own words) too, as transformers does; off, it counts only what the answer already said (the end of a turn follows penalize_end_of_turn). Off, the base model's held-out answers ran longer and 9 of 32 were cut off instead of 3 (README).")
+    penalize_end_of_turn: bool = _f(True, "Let repetition_penalty lower the end-of-turn token too, which every chat prompt already holds. Off, fewer answers run past the limit (embedded model, 96 questions: 3 cut off at 256 tokens instead of 10) but in a full benchmark run the adapters learned brevity that leaked into other users' judges (docs/MEASUREMENTS.md).")
+    penalty_counts_prompt: bool = _f(True, "Let repetition_penalty count the prompt's tokens (the question's own words) too, as transformers does; off, it counts only what the answer already said (the end of a turn follows penalize_end_of_turn). Off, the base model's held-out answers ran longer and 9 of 32 were cut off instead of 3 (docs/MEASUREMENTS.md).")
     system_prompt: str = _f("You are a helpful AI assistant named Heed.", "System message put before every conversation.")
     max_message_chars: int = _f(8000, "Longest user message, edit or correction accepted, in characters.")
     max_context_tokens: int = _f(1536, "Oldest turns are dropped so the prompt fits in this many tokens.")
@@ -100,7 +100,7 @@ DPO_LOSSES = ("sigmoid", "apo_zero", "sigmoid_norm", "ipo", "none")
 @dataclass
 class LearnerConfig:
     min_new_feedback: int = _f(1, "A user is trained only with at least this many unconsumed feedback events.")
-    praise_alone_trains: bool = _f(False, "Train a run whose new feedback only approves answers (thumbs up, good ratings)? Off: it waits, kept, for a run with something to fix: the adapter already gives those answers, and a run on them alone drifted (README).")
+    praise_alone_trains: bool = _f(False, "Train a run whose new feedback only approves answers (thumbs up, good ratings)? Off: it waits, kept, for a run with something to fix: the adapter already gives those answers, and a run on them alone drifted (docs/MEASUREMENTS.md).")
     lora_r: int = _f(8, "LoRA rank.")
     lora_alpha: int = _f(16, "LoRA scaling numerator (scale = alpha / r).")
     lora_dropout: float = _f(0.0, "Dropout on the LoRA path while training.")

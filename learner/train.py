@@ -306,7 +306,7 @@ def _train(config: HeedConfig, *, init_adapter: str | None, dpo_pairs: list[dict
         imitated, preferred = split_imitated(dpo_pairs, config)
         dpo_rows, prefer_rows, kto_rows = rows.dpo(imitated), rows.dpo(preferred, imitated=False), rows.kto(kto_examples)
     # Lone thumbs are mostly praise of answers the adapter already gives; the cap bounds how far they can outnumber
-    # the pairs that say what to change (off by default: it did not win, README "Lone thumbs, measured").
+    # the pairs that say what to change (off by default: it did not win, docs/MEASUREMENTS.md, "Lone thumbs, measured").
     kto_lone = len(kto_rows)
     if lc.kto_max_per_pair and dpo_rows + prefer_rows:
         kto_rows = cap_kto(kto_rows, int(lc.kto_max_per_pair * len(dpo_rows + prefer_rows)), rng=rng)

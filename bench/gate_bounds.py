@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="heed bench gate-bounds", description=__doc__.split("\n")[0])
     p.add_argument("--run", required=True, help="a personalize result JSON whose learner runs recorded the gate's shares")
     p.add_argument("--bounds", type=float, nargs="+", default=[0.25, 0.2, 0.15, 0.1], help="values of learner.gate_max_offtopic_increase")
-    p.add_argument("--out", help="result JSON (default: beside --run, NAME_gate_bounds.json)")
+    p.add_argument("--out", help="result JSON (default: beside --run; personalize_seed1.json -> gate_bounds_seed1.json)")
     args = p.parse_args(argv)
     run = Path(args.run)
     results = json.loads(run.read_text())
@@ -85,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
             curve = " / ".join(f"{v:.0%}" for v in row["curve_with_bound"].values())
             cells.append(f"{key.split('/')[0]} {curve}" + (" (then unknown)" if "unknown_after" in row else ""))
         print(f"bound {bound:.2f}: " + ", ".join(cells))
-    out = Path(args.out) if args.out else run.with_name(run.stem + "_gate_bounds.json")
+    # personalize_seed1.json -> gate_bounds_seed1.json: not personalize_*, which the report reads as runs.
+    out = Path(args.out) if args.out else run.with_name(f"gate_bounds{run.stem.removeprefix('personalize')}.json")
     out.write_text(json.dumps(report, indent=1) + "\n")
     print(f"wrote {out}")
     return 0

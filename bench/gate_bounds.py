@@ -76,6 +76,11 @@ def main(argv: list[str] | None = None) -> int:
     results = json.loads(run.read_text())
     if not any(_shares(pt.get("learn") or {}, "active") for t in results["tracks"].values() for pt in t["points"]):
         raise SystemExit(f"{run}: its learner runs did not record the gate's shares (a run before 2026-12-07 16:00); rerun it")
+    own = results.get("learner_config", {}).get("gate_max_offtopic_increase")
+    looser = [b for b in args.bounds if own is not None and b > own]
+    if looser:
+        # A looser bound could have promoted what the run refused, whose later path no run measured.
+        raise SystemExit(f"{run} ran with gate_max_offtopic_increase {own}: only bounds up to it replay, not {looser}")
     report = {"run": str(run), "bounds": {}}
     for bound in args.bounds:
         tracks = replay(results, bound)

@@ -53,3 +53,16 @@ def test_a_run_without_recorded_shares_is_refused_with_a_reason(tmp_path):
     old.write_text(json.dumps(run))
     with pytest.raises(SystemExit, match="did not record the gate's shares"):
         main(["--run", str(old)])
+
+
+def test_a_bound_looser_than_the_runs_own_is_refused(tmp_path):
+    from bench.gate_bounds import main
+
+    f = tmp_path / "run.json"
+    run = _run(_point(0, 0.0), _point(4, 0.8, off=0.1))
+    run["learner_config"]["gate_max_offtopic_increase"] = 0.25
+    f.write_text(json.dumps(run))
+    with pytest.raises(SystemExit, match="only bounds up to it replay"):
+        main(["--run", str(f), "--bounds", "0.3"])
+    assert main(["--run", str(f), "--bounds", "0.25", "0.1", "--out", str(tmp_path / "out.json")]) == 0
+    assert set(json.loads((tmp_path / "out.json").read_text())["bounds"]) == {"0.25", "0.1"}

@@ -28,7 +28,7 @@ from bench.personas import Persona, get, on_topic
 from bench.prompts import split
 from bench.settings import FULL, QUICK, BenchConfig, load_bench_config
 from bench.summary import fmt, summarize, targets
-from heed.quality import degeneration
+from heed.quality import degeneration, templated
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +97,9 @@ def judge(answers: list[tuple[str, bool]], prompts: list[str], judges: dict[str,
         "degenerate": sum(r is not None for r in reasons) / n,
         "degenerate_reasons": dict(collections.Counter(r for r in reasons if r)),
         "off_topic": sum(not on_topic(t, p) for (t, _), p in zip(answers, prompts)) / n,
+        # Published beside acceptance, not part of it (the judges' check is unchanged across runs): sound answers
+        # that are mostly one template said to every question (heed.quality.templated).
+        "templated": sum(same and r is None for same, r in zip(templated([t for t, _ in answers]), reasons)) / n,
         "mean_words": sum(len(t.split()) for t, _ in answers) / n,
         "samples": [t[:400] for t, _ in answers[:3]],
     }
@@ -127,9 +130,9 @@ def _learn(heed, uid: int) -> dict:
             "gate_cutoff_active": gate.get("cutoff_active"), "gate_cutoff_base": gate.get("cutoff_base"),
             # The gate's own shares against the ones it compares with (its off-topic bound adds the degenerate answers
             # to the sound ones off the question's topic): beside the held-out figures, what its questions missed.
-            **{f"gate_{share}{s}": gate.get(f"{share}_{w}") for share in ("degenerate", "offtopic")
+            **{f"gate_{share}{s}": gate.get(f"{share}_{w}") for share in ("degenerate", "offtopic", "templated")
                for s, w in (("_active", "active"), ("_base", "base"))},
-            "gate_offtopic": gate.get("offtopic_candidate"),
+            "gate_offtopic": gate.get("offtopic_candidate"), "gate_templated": gate.get("templated_candidate"),
             "rows": r.get("rows"),
             "attempts": [{k: a.get(k) for k in ("step", "promote", "reasons")} for a in r.get("attempts") or []]}
 

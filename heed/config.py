@@ -151,6 +151,7 @@ class LearnerConfig:
     # asked! What's the most popular thing you've tried...?": 12 of the gate's 23 probe answers shared no word with the
     # question (the base 0, every other adapter of that run at most 3), none degenerate or cut off.
     gate_max_offtopic_increase: float = _f(0.25, "Refuse when the share of answers that answer nothing (degenerate, or sharing no content word with the question: heed.quality.on_topic) rises by more than this.")
+    gate_max_templated_increase: float = _f(0.15, "Refuse when the share of sound answers that are mostly one template said to every question (heed.quality.templated) rises by more than this; 1 turns it off.")
     # Against the active adapter alone, runs that each stay under a bound add up past it: in benchmark draw 0 asks-back's
     # 16-event candidate cut 38% of the gate's answers, the adapter before it 29%, the base 4%. Refused, that user kept
     # 59% of held-out answers accepted; promoted (max_length 256, one run earlier), it fell to 44%, 38% degenerate.
@@ -211,6 +212,7 @@ class LearnerConfig:
         _check(1 <= self.gate_min_heldout <= 1000, "learner.gate_min_heldout", "must be between 1 and 1000")
         _check(0.0 <= self.gate_max_cutoff_increase <= 1.0, "learner.gate_max_cutoff_increase", "must be in [0, 1]")
         _check(0.0 <= self.gate_max_offtopic_increase <= 1.0, "learner.gate_max_offtopic_increase", "must be in [0, 1]")
+        _check(0.0 <= self.gate_max_templated_increase <= 1.0, "learner.gate_max_templated_increase", "must be in [0, 1]")
         _check(0 <= self.gate_retries <= 5, "learner.gate_retries", "must be between 0 and 5")
         _check(0.0 < self.gate_retry_step < 1.0, "learner.gate_retry_step", "must be in (0, 1): a retry takes a shorter step")
         _check(self.gate_max_kl > 0, "learner.gate_max_kl", "must be > 0")

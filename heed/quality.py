@@ -6,6 +6,10 @@ model ended it). "Repeats itself" covers the loops a reward-hacked adapter
 falls into: repeated word trigrams ("in short: in short: in short"), the same
 sentence said twice ("Hope this helps!Hope this helps!"), or a handful of
 words cycling ("A: A: A:").
+
+Across a set of answers to different questions, ``templated`` finds the ones
+that are mostly one template ("To start with the right mindset you should focus
+on ... before going to bed."), which each answer alone does not show.
 """
 from __future__ import annotations
 
@@ -67,6 +71,36 @@ def degeneration(answer: str, *, prompt: str = "", finished: bool = True, min_wo
     if len(words) >= 8 and len({w.lower() for w in words}) / len(words) < 0.3:
         return "repetitive"
     return None
+
+
+def templated(answers: list[str], *, min_others: int = 2, max_shared: float = 0.3) -> list[bool]:
+    """Which of these answers (to different questions) are mostly a template: more than ``max_shared`` of their
+    word trigrams occur in at least ``min_others`` other answers of the set.
+
+    An adapter can collapse to one sentence with a slot for the topic, which the
+    topic check passes whenever the slot holds a word of the question. A line said
+    word for word in that many answers is left out first: it is a persona's fixed
+    line (a closing question, a sign-off) that a user may well want under every
+    answer, and an answer that is nothing but a fixed line answers nothing, which
+    the topic check reads. Measured on every recorded benchmark answer set (32
+    held-out answers per adapter; docs/MEASUREMENTS.md, "Answers that are one
+    template").
+    """
+    lines = [[tuple(_WORD.findall(part)) for part in _SENTENCE_END.split(a.lower())] for a in answers]
+    line_counts = _counts({ln for ln in ls if ln} for ls in lines)
+    sets = [{g for ln in ls if line_counts.get(ln, 0) <= min_others for g in _ngrams(list(ln), 3)} for ls in lines]
+    counts = _counts(sets)
+    # counts include the answer itself: "in min_others others" is a count above min_others.
+    return [bool(grams) and sum(counts[g] > min_others for g in grams) / len(grams) > max_shared for grams in sets]
+
+
+def _counts(sets) -> dict:
+    """In how many of the sets each item occurs."""
+    out: dict = {}
+    for items in sets:
+        for x in items:
+            out[x] = out.get(x, 0) + 1
+    return out
 
 
 def is_sensible(answer: str, *, prompt: str = "", finished: bool = True) -> bool:

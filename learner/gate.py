@@ -13,6 +13,10 @@ on the user's held-out contexts plus a fixed set of probe prompts:
   word with the question: ``heed.quality.on_topic``) may not rise by more
   than ``gate_max_offtopic_increase``: an adapter can collapse to one generic
   reply (a question back instead of an answer) that no other check reads as broken;
+- answers that are one template said to every question (``heed.quality.templated``:
+  "To start with the right mindset you should focus on <the topic> before going to
+  bed.") may not rise by more than ``gate_max_templated_increase``: the topic check
+  passes them whenever the slot holds a word of the question;
 - the bounds hold against the base model too (``gate_bounds_from_base``):
   runs that each rise a little against the adapter before them cannot add up
   past a bound;
@@ -40,7 +44,7 @@ from pathlib import Path
 from typing import Callable
 
 from heed.config import HeedConfig, LearnerConfig
-from heed.quality import degeneration, on_topic
+from heed.quality import degeneration, on_topic, templated
 
 from . import gate_cache
 
@@ -178,23 +182,27 @@ def _unique_prompts(heldout: list[dict], limit: int) -> list[list[dict]]:
     return out
 
 
-def _judge(outs: list[tuple[str, bool]], contexts: list[list[dict]]) -> tuple[tuple[float, float, float], list[str]]:
-    """((degenerate, cut-off, off-topic shares), reasons) of a set of answers; each answer counts under one share."""
-    reasons, cut, off = [], 0, 0
-    for (text, finished), ctx in zip(outs, contexts):
+def _judge(outs: list[tuple[str, bool]], contexts: list[list[dict]]) -> tuple[tuple[float, float, float, float], list[str]]:
+    """((degenerate, cut-off, off-topic, templated shares), reasons) of a set of answers; each answer counts under one
+    of the first three shares; templated counts sound answers only (a broken one is counted as broken already)."""
+    reasons, cut, off, sound = [], 0, 0, []
+    template = templated([text for text, _ in outs])
+    for (text, finished), ctx, same in zip(outs, contexts, template):
         why = degeneration(text, prompt=ctx[-1]["content"], finished=True)
         if why:
             reasons.append(why)
-        elif not finished:
+            continue
+        sound.append(same)
+        if not finished:
             cut += 1
         elif not on_topic(text, ctx[-1]["content"]):
             off += 1
     n = max(len(outs), 1)
-    return (len(reasons) / n, cut / n, off / n), reasons
+    return (len(reasons) / n, cut / n, off / n, sum(sound) / n), reasons
 
 
 def share_refusals(*, candidate: tuple, active: tuple, base: tuple | None, n: int, why: list[str], config: LearnerConfig) -> list[str]:
-    """Why the candidate's (degenerate, cut-off[, off-topic]) answer shares refuse it: a rise from the active adapter's, else the base's.
+    """Why the candidate's (degenerate, cut-off[, off-topic[, templated]]) answer shares refuse it: a rise from the active adapter's, else the base's.
 
     ``base`` None: the active adapter is the base model (or the bounds from the base are off).
     """
@@ -215,6 +223,9 @@ def share_refusals(*, candidate: tuple, active: tuple, base: tuple | None, n: in
     if len(candidate) > 2:
         checks.append((2, config.gate_max_offtopic_increase,
                        f"answers that answer nothing (degenerate or off the question's topic) rose from{{}} {{:.0%}} to {share(candidate, 2):.0%}"))
+    if len(candidate) > 3:
+        checks.append((3, config.gate_max_templated_increase,
+                       f"answers that are one template said to every question rose from{{}} {{:.0%}} to {candidate[3]:.0%}"))
     reasons = []
     for i, bound, text in checks:
         for old, name in olds:
@@ -376,6 +387,7 @@ def _evaluate(config: HeedConfig, *, candidate_dir: str, active_dir: str | None,
         "heldout_scored": {role: len(v) for role, v in held["scored"].items()},
         **{f"{share}_{who}": v[i] for share, i in (("degenerate", 0), ("cutoff", 1), ("offtopic", 2))
            for who, v in (("candidate", shares_c), ("active", shares_a), ("base", shares_b))},
+        **{f"templated_{who}": v[3] for who, v in (("candidate", shares_c), ("active", shares_a), ("base", shares_b))},
         "mean_words_candidate": words(cand_out),
         "mean_words_active": words(act_out),
         "kl_from_base": kl,

@@ -197,6 +197,8 @@ def test_held_out_scores_kept_from_before_give_the_same_figures(trained):
     ((0.0, 0.0, 0.12), (0.0, 0.0, 0.0), (0.0, 0.0, 0.0), None),                       # a brief adapter's few terse answers
     ((0.10, 0.0, 0.20), (0.0, 0.0, 0.0), None, "answer nothing"),                      # broken or off topic: 30 points
     ((0.0, 0.0, 1.0), (1.0, 0.0, 0.0), None, None),                                    # blank lines became sentences
+    ((0.0, 0.0, 0.12, 0.42), (0.0, 0.0, 0.04, 0.0), (0.0, 0.0, 0.0, 0.0), "one template said to every question rose from 0% to 42%"),
+    ((0.0, 0.0, 0.0, 0.12), (0.0, 0.0, 0.0, 0.0), (0.0, 0.0, 0.0, 0.0), None),        # a few answers alike: noise
 ])
 def test_degenerate_cut_off_and_off_topic_shares_are_bounded_from_the_active_adapter_and_from_the_base(candidate, active, base, refused):
     from heed.config import LearnerConfig
@@ -242,5 +244,45 @@ def test_answers_that_stop_answering_the_question_count_as_off_topic_only_when_t
     outs = [("I'm glad you asked! What's the most popular thing you've tried with your own home?", True),  # a question back
             ("The sky looks blue because air scatters blue light the most.", True),
             ("I'm glad you asked! What's the most popular thing you've tried lately and", False)]         # cut off, not off topic
-    (deg, cut, off), _ = _judge(outs, contexts)
+    (deg, cut, off, same), _ = _judge(outs, contexts)
     assert (deg, cut, off) == (0.0, pytest.approx(1 / 3), pytest.approx(1 / 3))
+    assert same == 0.0  # two answers share an opening, not a third
+
+
+# Held-out answers of draw 2's brief adapter after 16 events (bench/results/personalize_seed2_answers.jsonl): a
+# template with a slot for the topic, which the topic check passes whenever the slot holds a word of the question.
+COLLAPSED = [
+    ("How often should I water a cactus?", "To start with the right mindset you should focus on maintaining your plants' health before going to bed."),
+    ("How do I make pancakes from scratch?", "To start with the right mindset you should focus on preparing your own meals before going to bed."),
+    ("What should I do if my phone gets wet?", "To start with the right mindset you should focus on maintaining your device's security before going to bed."),
+    ("What should I do if I lock myself out of my house?", "To start with your home's security you need to focus on the basics before going to bed."),
+]
+ANSWERED = [
+    ("How do I boil an egg?", "Put the egg in boiling water for seven minutes, then cool it under the tap.\n\nWould you like more detail on any of this?"),
+    ("Why is the sky blue?", "Air scatters blue sunlight more than red, so the sky looks blue.\n\nWould you like more detail on any of this?"),
+    ("What makes bread rise?", "Yeast eats the sugar in the dough and gives off gas that puffs it up.\n\nWould you like more detail on any of this?"),
+    ("How do bees make honey?", "Bees sip nectar, store it in wax cells and fan it with their wings until it thickens.\n\nWould you like more detail on any of this?"),
+]
+
+
+def test_answers_that_are_one_template_said_to_every_question_are_counted_and_a_persona_s_fixed_line_is_not():
+    from heed.quality import templated
+    from learner.gate import _judge
+
+    # The fourth is a variant (another opening); the closing question is said word for word under every answer.
+    assert templated([a for _, a in COLLAPSED + ANSWERED]) == [True] * 3 + [False] * 5
+    assert templated([a for _, a in COLLAPSED[:2] + ANSWERED]) == [False] * 6  # two alike is not yet a template
+    outs = [(a, True) for _, a in COLLAPSED + ANSWERED] + [("To start with the right mindset " * 6, True)]
+    contexts = [[{"role": "user", "content": q}] for q, _ in COLLAPSED + ANSWERED] + [[{"role": "user", "content": "Why?"}]]
+    (deg, _, _, same), why = _judge(outs, contexts)
+    # The looping answer shares the template's trigrams but counts as degenerate only, never twice.
+    assert why == ["repetitive"] and same == pytest.approx(3 / 9)
+
+
+def test_the_template_bound_can_be_turned_off():
+    from heed.config import LearnerConfig
+    from learner.gate import share_refusals
+
+    shares = dict(active=(0.0, 0.0, 0.0, 0.0), base=(0.0, 0.0, 0.0, 0.0), n=24, why=[])
+    assert share_refusals(candidate=(0.0, 0.0, 0.0, 0.5), config=LearnerConfig(), **shares)
+    assert not share_refusals(candidate=(0.0, 0.0, 0.0, 0.5), config=LearnerConfig(gate_max_templated_increase=1.0), **shares)

@@ -8,10 +8,13 @@ QUALITY_CHECK = (
     "An answer counts as accepted only when its persona's judge accepts it **and** it is sensible by "
     "`heed.quality.degeneration`, the same check the learner's gate uses: not empty; at least 2 words; not cut off "
     "(the model ended it before the token limit); at most 35% of its word 3-grams repeat an earlier one; at most 60% of "
-    "its word 4-grams echo the prompt; and, from 8 words on, at least 25% distinct words. The real personas also want an "
+    "its word 4-grams echo the prompt; and, from 8 words on, at least 30% distinct words. The real personas also want an "
     "answer to the question (`heed.quality.on_topic`): the reply shares at least one content word with it (3-letter "
     "stems, stopwords ignored), so an apology or the system prompt said back, which a small model can collapse to, is "
-    "not accepted however short or well-formed."
+    "not accepted however short or well-formed. Published beside acceptance, not part of it: the share of sound answers "
+    "that are one template said to every question (`heed.quality.templated`: over 30% of an answer's word 3-grams occur "
+    "in 2 or more other answers to other questions, once lines said word for word in that many answers are left out), "
+    "which the topic check passes whenever the template's slot holds a word of the question."
 )
 
 
@@ -114,13 +117,13 @@ def personalize_md(res: dict, *, images: dict[str, str]) -> str:
         f"interval column is the 95% Wilson interval of the rate after {target}: where the rate over many more prompts like "
         "these could lie. It does not cover the draw of the simulated users' feedback, which moves a persona's figures further between runs.",
         "",
-        "| persona | base | " + " | ".join(f"after {c}" for c in b.get("checkpoints", [])) + f" | 95% interval @{target} | degenerate @{target} | others' max Δ @{target} |",
-        "|---|---|" + "---|" * len(b.get("checkpoints", [])) + "---|---|---|",
+        "| persona | base | " + " | ".join(f"after {c}" for c in b.get("checkpoints", [])) + f" | 95% interval @{target} | degenerate @{target} | one template @{target} | others' max Δ @{target} |",
+        "|---|---|" + "---|" * len(b.get("checkpoints", [])) + "---|---|---|---|",
     ]
     for name, p in res.get("personas", {}).items():
         cells = [_pct(p["curve"].get(str(c))) for c in b.get("checkpoints", [])]
         lines.append(f"| {name} | {_pct(p['base'])} | " + " | ".join(cells) + f" | {_interval(p['curve'].get(str(target)), n_held)} | "
-                     f"{_pct(p['degenerate'])} | {100 * p['others_max_delta']:.0f} pts |")
+                     f"{_pct(p['degenerate'])} | {_pct(p.get('templated'))} | {100 * p['others_max_delta']:.0f} pts |")
     for key in ("curve", "alignment"):
         if key in images:
             lines += ["", f"![{key}]({images[key]})"]

@@ -28,6 +28,8 @@ def summarize(results: dict, bench: BenchConfig) -> dict:
             "base": base[name],
             "curve": {str(e): p["accept"][name] for e, p in sorted(pts.items())},
             "degenerate": at["degenerate"],
+            # Sound answers that are one template said to every question (None in runs recorded before it was measured).
+            "templated": at.get("templated"),
             "others_max_delta": max((abs(v) for v in others.values()), default=0.0),
             "others_delta": others,
             "at_events": at.get("checkpoint", 0),

@@ -33,7 +33,7 @@ def test_quick_run_writes_the_result_keys_other_tools_read(quick):
     for suffix in ("_curve.png", "_alignment.png", "_isolation.png", "_kinds.png"):
         assert (out.parent / f"personalize{suffix}").stat().st_size > 1000
     md = (out.parent / "personalize.md").read_text()
-    assert "Isolation" in md and "heed.quality.degeneration" in md and "| 95% interval @" in md
+    assert "Isolation" in md and "heed.quality.degeneration" in md and "| 95% interval @" in md and "| one template @" in md
     assert res["command"] == f"heed bench personalize --quick --out {out}" and f"`{res['command']}`" in md
 
 
@@ -48,6 +48,9 @@ def test_every_judged_answer_is_kept_with_its_verdict(quick):
             assert len(mine) == n and {r["events"] for r in mine} == {point["events"]}
             assert sum(r["accepted"] for r in mine) / n == pytest.approx(point["accept"][track["persona"]])
             assert sum(r["degenerate"] is not None for r in mine) / n == pytest.approx(point["degenerate"])
+            assert 0.0 <= point["templated"] <= 1.0
+            if point["learn"]["status"] in ("promoted", "rejected"):
+                assert {"gate_templated", "gate_templated_active", "gate_templated_base"} <= set(point["learn"])
 
 
 def test_each_refused_answer_counts_once_under_the_first_check_it_fails():

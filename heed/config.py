@@ -143,6 +143,7 @@ class LearnerConfig:
     gate_max_new_tokens: int = _f(256, "Reply length when the gate samples the candidate's answers (the serving limit).")
     gate_max_contexts: int = _f(16, "At most this many of the user's held-out contexts are among the gate's answers...")
     gate_answers: int = _f(24, "...which are always this many: probe prompts fill the rest (at most 24), so the gate costs the same for any history.")
+    gate_probes: str = _f("factual", "Which probe prompts fill the gate's answers after the user's held-out contexts: 'factual' (short questions of fact, the original set), 'everyday' (how-to questions like a chat user's, where a collapse into one template shows), or 'mixed' (alternating).")
     gate_max_degenerate_increase: float = _f(0.15, "Refuse when the share of empty, one-word, echoed or repetitive answers rises by more than this...")
     gate_min_degenerate_answers: int = _f(3, "...and by at least this many answers, for every share bound of the gate (one odd answer among a few dozen is noise).")
     # The base model's answers were cut 4% of the time at 160 tokens, 9% at 256 (the benchmark's held-out questions).
@@ -213,6 +214,7 @@ class LearnerConfig:
         _check(0.0 <= self.gate_max_cutoff_increase <= 1.0, "learner.gate_max_cutoff_increase", "must be in [0, 1]")
         _check(0.0 <= self.gate_max_offtopic_increase <= 1.0, "learner.gate_max_offtopic_increase", "must be in [0, 1]")
         _check(0.0 <= self.gate_max_templated_increase <= 1.0, "learner.gate_max_templated_increase", "must be in [0, 1]")
+        _check(self.gate_probes in ("factual", "everyday", "mixed"), "learner.gate_probes", "must be 'factual', 'everyday' or 'mixed'")
         _check(0 <= self.gate_retries <= 5, "learner.gate_retries", "must be between 0 and 5")
         _check(0.0 < self.gate_retry_step < 1.0, "learner.gate_retry_step", "must be in (0, 1): a retry takes a shorter step")
         _check(self.gate_max_kl > 0, "learner.gate_max_kl", "must be > 0")

@@ -47,41 +47,14 @@ from heed.config import HeedConfig, LearnerConfig
 from heed.quality import degeneration, on_topic, templated
 
 from . import gate_cache
+from .probes import probe_prompts
 
 log = logging.getLogger(__name__)
 
-PROBES = [
-    "What is the capital of Japan?",
-    "Give me one tip for sleeping better.",
-    "Explain what a rainbow is.",
-    "How do I boil an egg?",
-    "Why is the sky blue?",
-    "What should I pack for a day at the beach?",
-    "How many days are there in a leap year?",
-    "Suggest a name for a pet cat.",
-    "What is photosynthesis?",
-    "How can I make my tea less bitter?",
-    "Why do we have seasons?",
-    "What is a good way to remember a shopping list?",
-    "How long should I rest between workouts?",
-    "What does a librarian do?",
-    "How do I say thank you to a neighbour who helped me?",
-    "Why does the moon change shape?",
-    "What is a simple way to start saving money?",
-    "How do bees make honey?",
-    "What can I cook with rice, eggs and spinach?",
-    "How do I keep my phone battery healthy?",
-    "Why do some birds fly south for the winter?",
-    "What is a polite way to end a phone call?",
-    "How do I choose a good book to read?",
-    "What makes bread rise?",
-]
-
-
-def judged_contexts(heldout: list[dict], *, max_heldout: int, total: int) -> tuple[list[list[dict]], int]:
-    """(contexts, how many of them are the user's): held-out contexts first, probe prompts to ``total``."""
+def judged_contexts(heldout: list[dict], *, max_heldout: int, total: int, probes: str = "factual") -> tuple[list[list[dict]], int]:
+    """(contexts, how many of them are the user's): held-out contexts first, prompts of the ``probes`` set to ``total``."""
     own = _unique_prompts(heldout, min(max_heldout, total))
-    probes = [[{"role": "user", "content": q}] for q in PROBES[:max(total - len(own), 0)]]
+    probes = [[{"role": "user", "content": q}] for q in probe_prompts(probes)[:max(total - len(own), 0)]]
     return own + probes, len(own)
 
 
@@ -296,7 +269,7 @@ def _evaluate(config: HeedConfig, *, candidate_dir: str, active_dir: str | None,
     act = AdapterRef("active", active_dir) if active_dir else None
     system = {"role": "system", "content": config.generation.system_prompt}
 
-    contexts, n_own = judged_contexts(heldout, max_heldout=lc.gate_max_contexts, total=lc.gate_answers)
+    contexts, n_own = judged_contexts(heldout, max_heldout=lc.gate_max_contexts, total=lc.gate_answers, probes=lc.gate_probes)
     chats = [[system, *c] for c in contexts]
     keys = [gate_cache.context_key(c) for c in chats]
     settings = gate_cache.answers_key(config)
@@ -385,9 +358,8 @@ def _evaluate(config: HeedConfig, *, candidate_dir: str, active_dir: str | None,
         "active_answers_generated": len(act_new),
         "base_answers_generated": len(base_new),
         "heldout_scored": {role: len(v) for role, v in held["scored"].items()},
-        **{f"{share}_{who}": v[i] for share, i in (("degenerate", 0), ("cutoff", 1), ("offtopic", 2))
+        **{f"{share}_{who}": v[i] for share, i in (("degenerate", 0), ("cutoff", 1), ("offtopic", 2), ("templated", 3))
            for who, v in (("candidate", shares_c), ("active", shares_a), ("base", shares_b))},
-        **{f"templated_{who}": v[3] for who, v in (("candidate", shares_c), ("active", shares_a), ("base", shares_b))},
         "mean_words_candidate": words(cand_out),
         "mean_words_active": words(act_out),
         "kl_from_base": kl,

@@ -328,3 +328,32 @@ def test_the_report_says_when_the_penalty_spared_the_question():
     chat = {"system_prompt": "Be brief.", "repetition_penalty": 1.15, "max_new_tokens": 256}
     assert "question" not in _settings({"generation": {"chat": chat}})[0]
     assert "the answer's own words, not the question's" in _settings({"generation": {"chat": {**chat, "penalty_counts_prompt": False}}})[0]
+
+
+def test_gate_probes_answers_every_adapter_of_a_kept_run_as_the_gate_did(quick):
+    from bench.gate_probes import replay
+    from heed.config import load_config
+    from learner import gate_cache
+    from learner.probes import probe_prompts
+
+    res, out = quick
+    data = out.parent.parent / "data" / "run"
+    report = replay("configs/tiny.yaml", data, sets=["factual", "everyday"], say=lambda _: None)
+    trained = {t for t, rec in res["tracks"].items() if any((p.get("learn") or {}).get("version") for p in rec["points"])}
+    assert report["rows"][0]["user"] == "base"
+    assert {r["user"].replace("-", "/") for r in report["rows"][1:]} == trained
+    for row in report["rows"]:
+        for kind in ("factual", "everyday"):
+            c = row[kind]
+            assert c["n"] == len(c["answers"]) == len(probe_prompts(kind))
+            assert c["degenerate"] + c["cut_off"] + c["off_topic"] <= c["n"] and 0 <= c["templated"] <= c["n"]
+    # The base's answers to the probes the run's gate asked it are the ones the gate kept: generated the same way.
+    cached = json.loads((data / "adapters" / gate_cache.BASE_ANSWERS_FILE).read_text())["answers"]
+    system = {"role": "system", "content": load_config("configs/tiny.yaml").generation.system_prompt}
+    asked = 0
+    for q, answer in zip(probe_prompts("factual"), report["rows"][0]["factual"]["answers"]):
+        key = gate_cache.context_key([system, {"role": "user", "content": q}])
+        if key in cached:
+            asked += 1
+            assert cached[key][0] == answer
+    assert asked

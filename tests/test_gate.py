@@ -286,3 +286,19 @@ def test_the_template_bound_can_be_turned_off():
     shares = dict(active=(0.0, 0.0, 0.0, 0.0), base=(0.0, 0.0, 0.0, 0.0), n=24, why=[])
     assert share_refusals(candidate=(0.0, 0.0, 0.0, 0.5), config=LearnerConfig(), **shares)
     assert not share_refusals(candidate=(0.0, 0.0, 0.0, 0.5), config=LearnerConfig(gate_max_templated_increase=1.0), **shares)
+
+
+def test_probe_sets_hold_no_benchmark_question_and_mixed_alternates_them():
+    from bench.prompts import PROMPTS
+    from heed.config import ConfigError, LearnerConfig
+    from learner.gate import judged_contexts
+    from learner.probes import EVERYDAY, PROBES, probe_prompts
+
+    assert len(set(EVERYDAY)) == len(EVERYDAY) == 24 and not set(EVERYDAY) & set(PROMPTS)
+    mixed = probe_prompts("mixed")
+    assert mixed[:4] == [EVERYDAY[0], PROBES[0], EVERYDAY[1], PROBES[1]] and sorted(mixed) == sorted(EVERYDAY + PROBES)
+    held = [{"prompt": [{"role": "user", "content": "my own question"}]}]
+    contexts, own = judged_contexts(held, max_heldout=16, total=5, probes="everyday")
+    assert own == 1 and [c[-1]["content"] for c in contexts] == ["my own question", *EVERYDAY[:4]]
+    with pytest.raises(ConfigError, match="gate_probes"):
+        LearnerConfig(gate_probes="trivia")

@@ -357,3 +357,62 @@ def test_gate_probes_answers_every_adapter_of_a_kept_run_as_the_gate_did(quick):
             asked += 1
             assert cached[key][0] == answer
     assert asked
+
+
+def test_best_of_k_serves_the_runs_own_greedy_answers_and_chooses_by_the_adapters_reward(quick):
+    from bench.rerank import CHOOSERS, rerank, summary_md
+
+    res, out = quick
+    report = rerank(out.parent.parent / "data", k=3, quick=True, say=lambda _: None)
+    rows = {r["user"]: r for r in report["rows"]}
+    assert "base" in rows and len(rows) > 1
+    for user, row in rows.items():
+        assert set(row["accept"]) == set(CHOOSERS)
+        for chooser in CHOOSERS[:-1]:
+            for name, rate in row["accept"][chooser].items():
+                assert rate <= row["accept"]["oracle"][name], "no chooser beats accepting any of the k answers"
+        for a in row["answers"]:
+            assert len(a["candidates"]) == len(a["reward"]) == 3
+            assert a["picks"]["reward"] == max(range(3), key=lambda i: a["reward"][i])
+        if user == "base":
+            # Without an adapter the implicit reward is zero for every answer: the first (greedy) one is kept.
+            assert all(r == 0.0 for a in row["answers"] for r in a["reward"])
+            assert all(a["picks"]["reward"] == 0 for a in row["answers"])
+            continue
+        # The greedy answers are the ones the run judged last: the user's active adapter, decoded the same way.
+        last = res["tracks"][user.replace("-", "/", 1)]["points"][-1]
+        assert row["accept"]["greedy"][row["persona"]] == last["accept"][row["persona"]]
+        assert any(r != 0.0 for a in row["answers"] for r in a["reward"]), "a trained adapter's reward is not flat"
+    assert "| says_" in summary_md(report)
+
+
+def test_best_of_k_scores_answers_with_the_adapters_own_log_probabilities(quick):
+    import torch
+    from peft import PeftModel
+
+    from bench.personalize import heed_config
+    from bench.rerank import answer_logps
+    from bench.settings import load_bench_config
+    from heed.engine import AdapterRef, Engine, load_base
+    from heed.store import Store
+
+    _, out = quick
+    config = heed_config(None, quick=True, bench=load_bench_config(None, quick=True), data_dir=str(out.parent.parent / "data"))[0]
+    store = Store(config.db_path)
+    with store.db.connect() as db:
+        uids = [uid for uid, name in db.execute("SELECT id, name FROM users ORDER BY id") if "-" in name]
+    path = next(a["path"] for uid in uids for a in store.list_adapters(user_id=uid) if a["status"] == "active")
+    engine = Engine(*load_base(config), model_cfg=config.model, gen_cfg=config.generation)
+    tok = engine.tokenizer
+    prompts = [engine.prompt_ids([{"role": "user", "content": q}]) for q in ("How do I boil an egg?", "Why is the sky blue?")]
+    answers = [tok("Thanks for asking.", add_special_tokens=False)["input_ids"] + [tok.eos_token_id],
+               tok("Blue light scatters more.", add_special_tokens=False)["input_ids"]]
+    got = {ref is None: answer_logps(engine, ref, prompts, answers) for ref in (AdapterRef("scored", path), None)}
+    plain = PeftModel.from_pretrained(load_base(config)[0], path)
+    for adapted in (True, False):
+        for p, a, g in zip(prompts, answers, got[not adapted]):
+            with torch.inference_mode(), (plain.disable_adapter() if not adapted else torch.no_grad()):
+                logp = torch.log_softmax(plain(input_ids=torch.tensor([p + a])).logits.float(), dim=-1)[0]
+            want = [logp[len(p) - 1 + t, a[t]].item() for t in range(len(a))]
+            assert g == pytest.approx(want, abs=1e-4)
+    assert got[False] != got[True], "the adapter changes the scores"

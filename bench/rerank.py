@@ -1,0 +1,212 @@
+"""Best of k by the adapter's own implicit reward: does choosing among sampled answers lift acceptance?
+
+A DPO adapter defines a reward without any judge: ``r(x, y) = log π_adapter(y|x) -
+log π_base(y|x)`` (times β, which does not change which answer wins). Held-out
+preference accuracy of that reward saturates at 1.00 even when greedy answers do
+not change (docs/MEASUREMENTS.md), so the reward ranks what the user wants above
+what they do not, but greedy decoding does not reach it. This replays a kept run:
+each user's active adapter (and the base model) answers the benchmark's held-out
+prompts ``k`` times (greedy, then ``k - 1`` samples, each with its own seed);
+every answer is scored under the adapter and under the base, and each way of
+choosing one answer per prompt is judged as the benchmark judges:
+
+- ``greedy``: the first answer, what the product serves now (the run's own figure);
+- ``sample``: the second answer, one sample alone;
+- ``sound``: the first answer ``heed.quality`` finds sound (not degenerate, cut off or off
+  topic, as the gate checks; the greedy one when none is): what the filter alone does;
+- ``reward``: the highest summed implicit reward; ``reward_per_token``: per answer token;
+- ``likelihood``: the highest mean log-probability per token under the adapter alone;
+- ``reward_sound``: the highest reward among the sound answers. The filter applies checks the
+  benchmark's acceptance includes, so part of its gain is by construction: ``sound`` measures that part;
+- ``oracle``: accepted when any of the k answers is (a ceiling no chooser passes).
+
+No chooser sees a persona's judge. Run it
+alone (it generates with the model):
+``heed bench rerank --data-dir D [--k 4] [--bench-config bench/seed1.yaml] [--out bench/results/rerank.json]``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from dataclasses import replace
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+CHOOSERS = ("greedy", "sample", "sound", "reward", "reward_per_token", "likelihood", "reward_sound", "oracle")
+
+
+def answer_logps(engine, ref, prompts: list[list[int]], answers: list[list[int]], *, batch: int = 8) -> list[list[float]]:
+    """Per-token log-probabilities of each answer after its prompt, with ``ref`` active (None: the base model)."""
+    import torch
+
+    out: list[list[float]] = []
+    pad = engine.tokenizer.pad_token_id
+    with engine._lock, torch.inference_mode():
+        if ref is not None:
+            engine.ensure_adapter(ref)
+        engine.activate(ref)
+        for i in range(0, len(prompts), batch):
+            seqs = [p + a for p, a in zip(prompts[i:i + batch], answers[i:i + batch])]
+            width = max(len(s) for s in seqs)
+            ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs], device=engine.device)
+            mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=engine.device)
+            logp = torch.log_softmax(engine.base(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)
+            for j, (p, a) in enumerate(zip(prompts[i:i + batch], answers[i:i + batch])):
+                pos = torch.arange(len(p) - 1, len(p) + len(a) - 1, device=engine.device)
+                tok = torch.tensor(a, device=engine.device)
+                out.append(logp[j, pos, tok].tolist())
+    return out
+
+
+def choose(cands: list[dict]) -> dict[str, int]:
+    """Index of the answer each chooser picks among one prompt's candidates: each has its implicit ``reward``
+    (summed over its ``tokens``), its summed log-probability under the adapter (``logp``) and whether
+    ``heed.quality`` finds it ``sound``."""
+    idx = range(len(cands))
+    sound = [i for i in idx if cands[i]["sound"]] or [0]
+    return {
+        "greedy": 0,
+        "sample": 1 if len(cands) > 1 else 0,
+        "sound": sound[0],
+        "reward": max(idx, key=lambda i: cands[i]["reward"]),
+        "reward_per_token": max(idx, key=lambda i: cands[i]["reward"] / max(cands[i]["tokens"], 1)),
+        "likelihood": max(idx, key=lambda i: cands[i]["logp"] / max(cands[i]["tokens"], 1)),
+        "reward_sound": max(sound, key=lambda i: cands[i]["reward"]),
+    }
+
+
+def tally(answers: list[dict], judges: dict) -> dict:
+    """Each chooser's answers judged as the benchmark judges them, from the saved candidates (``rerank``'s rows)."""
+    from bench.personalize import judge
+    from heed.quality import is_sensible, on_topic
+
+    prompts = [a["prompt"] for a in answers]
+    picks = []
+    for a in answers:
+        cands = [{"reward": a["reward"][r], "tokens": a["tokens"][r], "logp": a["logp"][r],
+                  "sound": is_sensible(a["candidates"][r], prompt=a["prompt"], finished=a["finished"][r]) and on_topic(a["candidates"][r], a["prompt"])}
+                 for r in range(len(a["candidates"]))]
+        picks.append(choose(cands))
+    out = {"accept": {}, "style_only": {}, "degenerate": {}, "off_topic": {}, "mean_words": {}}
+    for chooser in CHOOSERS[:-1]:
+        m = judge([(a["candidates"][p[chooser]], a["finished"][p[chooser]]) for a, p in zip(answers, picks)], prompts, judges)
+        for key in ("accept", "style_only", "degenerate", "off_topic"):
+            out[key][chooser] = m[key]
+        out["mean_words"][chooser] = round(m["mean_words"], 1)
+    out["accept"]["oracle"] = {n: sum(any(j.accepts(t, prompt=a["prompt"], finished=f) for t, f in zip(a["candidates"], a["finished"]))
+                                      for a in answers) / max(len(answers), 1) for n, j in judges.items()}
+    out["picks"] = picks
+    return out
+
+
+def rerank(data_dir: Path, *, k: int = 4, bench_config: str | None = None, config_path: str | None = None,
+           quick: bool = False, temperature: float = 0.7, say=print) -> dict:
+    from bench.gate_audit import _persona_of
+    from bench.personalize import heed_config
+    from bench.personas import get
+    from bench.prompts import split
+    from bench.settings import load_bench_config
+    from heed.engine import AdapterRef, Engine, load_base, set_threads
+    from heed.service import Heed
+
+    if k < 2:
+        raise SystemExit("--k must be at least 2 (the greedy answer and one sample)")
+    bench = load_bench_config(bench_config, quick=quick)
+    _, prompts = split(heldout_every=bench.heldout_every)
+    prompts = prompts[:bench.max_heldout] if bench.max_heldout else prompts
+    config = heed_config(config_path, quick=quick, bench=bench, data_dir=str(data_dir))[0]
+    if not config.db_path.is_file():
+        raise SystemExit(f"no kept run in {data_dir} (expected {config.db_path}): pass the folder given to `heed bench personalize --data-dir`")
+    set_threads(config.model.torch_threads)
+    model, tok = load_base(config)
+    engine = Engine(model, tok, model_cfg=config.model, gen_cfg=config.generation)
+    heed = Heed(config, engine=engine)
+    with heed.store.db.connect() as db:
+        users = [(uid, name) for uid, name in db.execute("SELECT id, name FROM users ORDER BY id") if "-" in name]
+    subjects = []  # (user, uid, persona, version, adapter): the users' active adapters, then the base model
+    for uid, name in users:
+        active = [a for a in heed.store.list_adapters(user_id=uid) if a["status"] == "active" and os.path.isdir(a["path"])]
+        if active:
+            subjects.append((name, uid, _persona_of(name), active[0]["version"], AdapterRef(f"rerank-u{uid}", active[0]["path"])))
+    subjects.append(("base", None, None, 0, None))
+    judges = {n: get(n) for n in dict.fromkeys(bench.personas)}
+    greedy = replace(config.generation, do_sample=False)
+    rows, t0 = [], time.perf_counter()
+    for name, uid, persona, version, ref in subjects:
+        t = time.perf_counter()
+        system = heed.system_prompt(uid) if uid is not None else config.generation.system_prompt
+        chats = [[{"role": "system", "content": system}, {"role": "user", "content": q}] for q in prompts]
+        runs = [engine.generate_batch(chats, adapters=[ref] * len(chats), max_new_tokens=bench.eval_max_new_tokens, gen=greedy,
+                                      with_finish=True, batch=bench.eval_batch)]
+        for s in range(1, k):
+            gen = replace(config.generation, do_sample=True, temperature=temperature, seed=s)
+            runs.append(engine.generate_batch(chats, adapters=[ref] * len(chats), max_new_tokens=bench.eval_max_new_tokens, gen=gen,
+                                              with_finish=True, batch=bench.eval_batch))
+        prompt_ids = [engine.prompt_ids(c, max_new_tokens=bench.eval_max_new_tokens) for c in chats]
+        eos = [tok.eos_token_id]
+        flat = [(i, r) for r in range(k) for i in range(len(prompts))]
+        ans_ids = [tok(runs[r][i][0], add_special_tokens=False)["input_ids"] + (eos if runs[r][i][1] else []) for i, r in flat]
+        p_ids = [prompt_ids[i] for i, _ in flat]
+        under_adapter = answer_logps(engine, ref, p_ids, ans_ids)
+        under_base = under_adapter if ref is None else answer_logps(engine, None, p_ids, ans_ids)
+        scored = {(i, r): (sum(a), sum(a) - sum(b), len(a)) for (i, r), a, b in zip(flat, under_adapter, under_base)}
+        answers = [{"prompt": q, "candidates": [runs[r][i][0] for r in range(k)], "finished": [runs[r][i][1] for r in range(k)],
+                    "reward": [round(scored[i, r][1], 4) for r in range(k)], "logp": [round(scored[i, r][0], 4) for r in range(k)],
+                    "tokens": [scored[i, r][2] for r in range(k)]} for i, q in enumerate(prompts)]
+        verdict = tally(answers, judges)
+        for a, p in zip(answers, verdict.pop("picks")):
+            a["picks"] = p
+        row = {"user": name, "persona": persona, "version": version, **verdict, "seconds": round(time.perf_counter() - t, 1), "answers": answers}
+        say(json.dumps({"user": name, "version": version, "seconds": row["seconds"],
+                        **({c: round(row["accept"][c][persona], 3) for c in CHOOSERS} if persona else {})}))
+        rows.append(row)
+    return {"data_dir": str(data_dir), "k": k, "temperature": temperature, "n_heldout_prompts": len(prompts),
+            "rows": rows, "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def summary_md(res: dict) -> str:
+    lines = [f"Best of {res['k']} (greedy + {res['k'] - 1} samples at temperature {res['temperature']}), "
+             f"{res['n_heldout_prompts']} held-out prompts: each user's acceptance by their own judge "
+             "(degenerate · off topic in brackets), and the largest move of another persona's judge from the base's.",
+             "", "| user | " + " | ".join(CHOOSERS) + " |", "|---|" + "---|" * len(CHOOSERS)]
+    base = next((r for r in res["rows"] if r["user"] == "base"), None)
+    for r in res["rows"]:
+        if r["persona"] is None:
+            continue
+        cells = []
+        for c in CHOOSERS:
+            acc = f"{100 * r['accept'][c][r['persona']]:.0f}%"
+            if c != "oracle":
+                acc += f" ({100 * r['degenerate'][c]:.0f} · {100 * r['off_topic'][c]:.0f})"
+                if base is not None:
+                    others = [abs(v - base["accept"]["greedy"][n]) for n, v in r["accept"][c].items() if n != r["persona"]]
+                    acc += f", others ±{100 * max(others, default=0):.0f}"
+            cells.append(acc)
+        lines.append(f"| {r['user']} v{r['version']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="heed bench rerank", description=__doc__.split("\n")[0])
+    p.add_argument("--data-dir", required=True, help="a kept run: the folder given to `heed bench personalize --data-dir`")
+    p.add_argument("--config", help="the Heed config the run used (default: configs/default.yaml, or configs/tiny.yaml with --quick)")
+    p.add_argument("--bench-config", help="the bench YAML the run used (its personas and held-out prompts)")
+    p.add_argument("--k", type=int, default=4, help="answers per prompt: greedy and k-1 samples")
+    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature of the k-1 samples")
+    p.add_argument("--quick", action="store_true", help="the run was `heed bench personalize --quick`")
+    p.add_argument("--out", default=str(RESULTS / "rerank.json"))
+    args = p.parse_args(argv)
+    res = rerank(Path(args.data_dir), k=args.k, bench_config=args.bench_config, config_path=args.config, quick=args.quick,
+                 temperature=args.temperature)
+    out = Path(args.out)
+    out.write_text(json.dumps(res, indent=1))
+    out.with_suffix(".md").write_text(f"# Best of {res['k']}: {args.data_dir}\n\n" + summary_md(res) + "\n")
+    print(summary_md(res))
+    print(f"wrote {out} and {out.with_suffix('.md')}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

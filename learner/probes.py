@@ -8,7 +8,8 @@ held-out questions with one template ("To start with the right mindset you
 should focus on ... before going to bed."), showed it in 3 of the factual
 probes' 24 answers and 13 of the everyday ones'; every other adapter of that run
 in at most 2 of either (docs/MEASUREMENTS.md, "Answers that are one template").
-``mixed`` alternates the two, so any number of probes holds both kinds.
+``mixed`` (the default) alternates the two, so any number of probes holds both kinds;
+rerun on draws 0, 1 and 2 it refused draw 2's collapse and changed no other decision.
 """
 from __future__ import annotations
 

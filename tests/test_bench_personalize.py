@@ -351,11 +351,12 @@ def test_gate_probes_answers_every_adapter_of_a_kept_run_as_the_gate_did(quick):
     cached = json.loads((data / "adapters" / gate_cache.BASE_ANSWERS_FILE).read_text())["answers"]
     system = {"role": "system", "content": load_config("configs/tiny.yaml").generation.system_prompt}
     asked = 0
-    for q, answer in zip(probe_prompts("factual"), report["rows"][0]["factual"]["answers"]):
-        key = gate_cache.context_key([system, {"role": "user", "content": q}])
-        if key in cached:
-            asked += 1
-            assert cached[key][0] == answer
+    for kind in ("factual", "everyday"):
+        for q, answer in zip(probe_prompts(kind), report["rows"][0][kind]["answers"]):
+            key = gate_cache.context_key([system, {"role": "user", "content": q}])
+            if key in cached:
+                asked += 1
+                assert cached[key][0] == answer
     assert asked
 
 

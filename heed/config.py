@@ -143,7 +143,7 @@ class LearnerConfig:
     gate_max_new_tokens: int = _f(256, "Reply length when the gate samples the candidate's answers (the serving limit).")
     gate_max_contexts: int = _f(16, "At most this many of the user's held-out contexts are among the gate's answers...")
     gate_answers: int = _f(24, "...which are always this many: probe prompts fill the rest (at most 24), so the gate costs the same for any history.")
-    gate_probes: str = _f("mixed", "Which probe prompts fill the gate's answers after the user's held-out contexts: 'mixed' (alternating the two sets: in three draws it refused only draw 2's collapse into a template), 'factual' (short questions of fact, the original set) or 'everyday' (how-to questions like a chat user's, where a collapse into one template shows).")
+    gate_probes: str = _f("mixed", "Which probe prompts fill the gate's answers after the user's held-out contexts: 'mixed' (alternating the two sets: over three benchmark draws it refused two bad candidates the factual set let through, and nothing else), 'factual' (short questions of fact, the original set) or 'everyday' (how-to questions like a chat user's, where a collapse into one template shows).")
     gate_max_degenerate_increase: float = _f(0.15, "Refuse when the share of empty, one-word, echoed or repetitive answers rises by more than this...")
     gate_min_degenerate_answers: int = _f(3, "...and by at least this many answers, for every share bound of the gate (one odd answer among a few dozen is noise).")
     # The base model's answers were cut 4% of the time at 160 tokens, 9% at 256 (the benchmark's held-out questions).

@@ -9,7 +9,8 @@ should focus on ... before going to bed."), showed it in 3 of the factual
 probes' 24 answers and 13 of the everyday ones'; every other adapter of that run
 in at most 2 of either (docs/MEASUREMENTS.md, "Answers that are one template").
 ``mixed`` (the default) alternates the two, so any number of probes holds both kinds;
-rerun on draws 0, 1 and 2 it refused draw 2's collapse and changed no other decision.
+rerun on draws 0, 1 and 2 it refused two candidates the factual set let through (draw 2's
+brief collapsed into a template, draw 1's bullets drifting off topic) and changed no other decision.
 """
 from __future__ import annotations
 

@@ -37,27 +37,17 @@ RESULTS = Path(__file__).resolve().parent / "results"
 CHOOSERS = ("greedy", "sample", "sound", "reward", "reward_per_token", "likelihood", "reward_sound", "oracle")
 
 
-def answer_logps(engine, ref, prompts: list[list[int]], answers: list[list[int]], *, batch: int = 8) -> list[list[float]]:
-    """Per-token log-probabilities of each answer after its prompt, with ``ref`` active (None: the base model)."""
+def answer_scores(engine, ref, sequences: list[tuple[list[int], int]]) -> list[tuple[float, int]]:
+    """(log-likelihood, token count) of each (ids, answer start) under adapter ``ref`` (None: the base model),
+    scored as the gate scores held-out answers (``learner.gate.total_log_probs``)."""
     import torch
 
-    out: list[list[float]] = []
-    pad = engine.tokenizer.pad_token_id
+    from learner.gate import total_log_probs
+
     with engine._lock, torch.inference_mode():
         if ref is not None:
             engine.ensure_adapter(ref)
-        engine.activate(ref)
-        for i in range(0, len(prompts), batch):
-            seqs = [p + a for p, a in zip(prompts[i:i + batch], answers[i:i + batch])]
-            width = max(len(s) for s in seqs)
-            ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs], device=engine.device)
-            mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=engine.device)
-            logp = torch.log_softmax(engine.base(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)
-            for j, (p, a) in enumerate(zip(prompts[i:i + batch], answers[i:i + batch])):
-                pos = torch.arange(len(p) - 1, len(p) + len(a) - 1, device=engine.device)
-                tok = torch.tensor(a, device=engine.device)
-                out.append(logp[j, pos, tok].tolist())
-    return out
+        return total_log_probs(engine, ref, sequences)
 
 
 def choose(cands: list[dict]) -> dict[str, int]:
@@ -132,26 +122,24 @@ def rerank(data_dir: Path, *, k: int = 4, bench_config: str | None = None, confi
             subjects.append((name, uid, _persona_of(name), active[0]["version"], AdapterRef(f"rerank-u{uid}", active[0]["path"])))
     subjects.append(("base", None, None, 0, None))
     judges = {n: get(n) for n in dict.fromkeys(bench.personas)}
-    greedy = replace(config.generation, do_sample=False)
+    gens = [replace(config.generation, do_sample=False)]  # the greedy answer, then k - 1 samples, each with its own seed
+    gens += [replace(config.generation, do_sample=True, temperature=temperature, seed=s) for s in range(1, k)]
     rows, t0 = [], time.perf_counter()
     for name, uid, persona, version, ref in subjects:
         t = time.perf_counter()
         system = heed.system_prompt(uid) if uid is not None else config.generation.system_prompt
         chats = [[{"role": "system", "content": system}, {"role": "user", "content": q}] for q in prompts]
-        runs = [engine.generate_batch(chats, adapters=[ref] * len(chats), max_new_tokens=bench.eval_max_new_tokens, gen=greedy,
-                                      with_finish=True, batch=bench.eval_batch)]
-        for s in range(1, k):
-            gen = replace(config.generation, do_sample=True, temperature=temperature, seed=s)
-            runs.append(engine.generate_batch(chats, adapters=[ref] * len(chats), max_new_tokens=bench.eval_max_new_tokens, gen=gen,
-                                              with_finish=True, batch=bench.eval_batch))
+        runs = [engine.generate_batch(chats, adapters=[ref] * len(chats), max_new_tokens=bench.eval_max_new_tokens, gen=g,
+                                      with_finish=True, batch=bench.eval_batch) for g in gens]
         prompt_ids = [engine.prompt_ids(c, max_new_tokens=bench.eval_max_new_tokens) for c in chats]
         eos = [tok.eos_token_id]
         flat = [(i, r) for r in range(k) for i in range(len(prompts))]
-        ans_ids = [tok(runs[r][i][0], add_special_tokens=False)["input_ids"] + (eos if runs[r][i][1] else []) for i, r in flat]
-        p_ids = [prompt_ids[i] for i, _ in flat]
-        under_adapter = answer_logps(engine, ref, p_ids, ans_ids)
-        under_base = under_adapter if ref is None else answer_logps(engine, None, p_ids, ans_ids)
-        scored = {(i, r): (sum(a), sum(a) - sum(b), len(a)) for (i, r), a, b in zip(flat, under_adapter, under_base)}
+        # The answer's own tokens, and the end of the turn only where the model ended it.
+        seqs = [(prompt_ids[i] + tok(runs[r][i][0], add_special_tokens=False)["input_ids"] + (eos if runs[r][i][1] else []),
+                 len(prompt_ids[i])) for i, r in flat]
+        under_adapter = answer_scores(engine, ref, seqs)
+        under_base = under_adapter if ref is None else answer_scores(engine, None, seqs)
+        scored = {(i, r): (a, a - b, n) for (i, r), (a, n), (b, _) in zip(flat, under_adapter, under_base)}
         answers = [{"prompt": q, "candidates": [runs[r][i][0] for r in range(k)], "finished": [runs[r][i][1] for r in range(k)],
                     "reward": [round(scored[i, r][1], 4) for r in range(k)], "logp": [round(scored[i, r][0], 4) for r in range(k)],
                     "tokens": [scored[i, r][2] for r in range(k)]} for i, q in enumerate(prompts)]

@@ -392,7 +392,7 @@ def test_best_of_k_scores_answers_with_the_adapters_own_log_probabilities(quick)
     from peft import PeftModel
 
     from bench.personalize import heed_config
-    from bench.rerank import answer_logps
+    from bench.rerank import answer_scores
     from bench.settings import load_bench_config
     from heed.engine import AdapterRef, Engine, load_base
     from heed.store import Store
@@ -408,12 +408,14 @@ def test_best_of_k_scores_answers_with_the_adapters_own_log_probabilities(quick)
     prompts = [engine.prompt_ids([{"role": "user", "content": q}]) for q in ("How do I boil an egg?", "Why is the sky blue?")]
     answers = [tok("Thanks for asking.", add_special_tokens=False)["input_ids"] + [tok.eos_token_id],
                tok("Blue light scatters more.", add_special_tokens=False)["input_ids"]]
-    got = {ref is None: answer_logps(engine, ref, prompts, answers) for ref in (AdapterRef("scored", path), None)}
+    seqs = [(p + a, len(p)) for p, a in zip(prompts, answers)]
+    # A fresh engine has not loaded the adapter: scoring must load it, not score the base model twice.
+    got = {ref is None: answer_scores(engine, ref, seqs) for ref in (AdapterRef("scored", path), None)}
     plain = PeftModel.from_pretrained(load_base(config)[0], path)
     for adapted in (True, False):
-        for p, a, g in zip(prompts, answers, got[not adapted]):
+        for p, a, (total, n) in zip(prompts, answers, got[not adapted]):
             with torch.inference_mode(), (plain.disable_adapter() if not adapted else torch.no_grad()):
                 logp = torch.log_softmax(plain(input_ids=torch.tensor([p + a])).logits.float(), dim=-1)[0]
-            want = [logp[len(p) - 1 + t, a[t]].item() for t in range(len(a))]
-            assert g == pytest.approx(want, abs=1e-4)
+            assert n == len(a)
+            assert total == pytest.approx(sum(logp[len(p) - 1 + t, a[t]].item() for t in range(len(a))), abs=1e-3)
     assert got[False] != got[True], "the adapter changes the scores"

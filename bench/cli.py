@@ -1,4 +1,4 @@
-"""`heed bench personalize|perf|batching|load|gate-audit|gate-bounds|gate-probes|rejudge|rerank|dtype|recipes|correction-phrasing|report`: every command takes --out FILE and --config FILE."""
+"""`heed bench personalize|perf|batching|load|gate-audit|gate-bounds|gate-probes|rejudge|rerank|strength|dtype|recipes|correction-phrasing|report`: every command takes --out FILE and --config FILE."""
 from __future__ import annotations
 
 import importlib.util
@@ -14,6 +14,7 @@ COMMANDS = {
     "gate-probes": ("bench.gate_probes", "after a kept personalize run: what each gate probe set shows of every adapter"),
     "rejudge": ("bench.rejudge", "after a kept personalize run: its adapters judged again under other generation settings"),
     "rerank": ("bench.rerank", "after a kept personalize run: best of k answers by each adapter's implicit reward"),
+    "strength": ("bench.strength", "after a kept personalize run: each adapter served with its LoRA delta scaled"),
     "dtype": ("bench.dtype", "bf16 against fp32 here: learner and generation speed, batch invariance"),
     "recipes": ("bench.recipes", "learner recipes compared on one fixed set of collected feedback"),
     "correction-phrasing": ("bench.correction_phrasing", "which wording of an in-session correction the model follows"),

@@ -419,3 +419,24 @@ def test_best_of_k_scores_answers_with_the_adapters_own_log_probabilities(quick)
             assert n == len(a)
             assert total == pytest.approx(sum(logp[len(p) - 1 + t, a[t]].item() for t in range(len(a))), abs=1e-3)
     assert got[False] != got[True], "the adapter changes the scores"
+
+
+def test_adapter_strength_one_replays_the_runs_answers_and_a_scaled_copy_is_what_gets_served(quick, tmp_path):
+    from bench.strength import scaled_copy, strength, summary_md
+
+    res, out = quick
+    report = strength(out.parent.parent / "data", scales=[1.0, 3.0], quick=True, say=lambda _: None)
+    rows = {(r["user"], r["scale"]): r for r in report["rows"]}
+    users = {u for u, _ in rows if u != "base"}
+    assert users
+    for user in users:
+        last = res["tracks"][user.replace("-", "/", 1)]["points"][-1]
+        persona = rows[user, 1.0]["persona"]
+        assert rows[user, 1.0]["accept"] == last["accept"][persona], "γ = 1 serves the run's own adapter as the run did"
+    assert any(rows[u, 1.0]["answers"] != rows[u, 3.0]["answers"] for u in users), "the scaled copy is the one answering"
+    assert "γ = 3" in summary_md(report)
+    src = next(p for p in (out.parent.parent / "data" / "run" / "adapters").glob("*/v*") if (p / "adapter_config.json").is_file())
+    copy = scaled_copy(src, tmp_path / "x", 2.5)
+    was, now = (json.loads((d / "adapter_config.json").read_text()) for d in (src, copy))
+    assert now["lora_alpha"] == 2.5 * was["lora_alpha"] and now["r"] == was["r"]
+    assert (copy / "adapter_model.safetensors").read_bytes() == (src / "adapter_model.safetensors").read_bytes()

@@ -35,17 +35,21 @@ log = logging.getLogger(__name__)
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def heed_config(config_path: str | None, *, quick: bool, bench: BenchConfig, data_dir: str | None):
+def heed_config(config_path: str | None, *, quick: bool, bench: BenchConfig, data_dir: str | None, kept: bool = False):
     """The Heed config the benchmark runs: the file's, in a scratch data dir, with the bench's overrides.
 
     The model resolves through the file's own data dir (the shared converted
-    model) unless ``data_dir`` is given, then everything lives there.
+    model) unless ``data_dir`` is given, then everything lives there. ``kept``:
+    ``data_dir`` must hold a kept run, checked before a model is converted into it.
     """
     from heed.config import load_config
     from heed.models import resolve_model
 
     path = config_path or ("configs/tiny.yaml" if quick else "configs/default.yaml")
     first = load_config(path, overrides={"data_dir": data_dir} if data_dir else None)
+    if kept and not (Path(data_dir) / "run" / first.store.path).is_file():
+        raise SystemExit(f"no kept run in {data_dir} (expected {Path(data_dir) / 'run' / first.store.path}): "
+                         "pass the folder given to `heed bench personalize --data-dir`")
     model_path = resolve_model(first)
     work = Path(data_dir) if data_dir else Path(tempfile.mkdtemp(prefix="heed-bench-"))
     return load_config(path, overrides={

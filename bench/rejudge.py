@@ -57,11 +57,8 @@ def rejudge(data_dir: Path, variants: list[str | None], *, config_path: str | No
     _, prompts = split(heldout_every=bench.heldout_every)
     prompts = prompts[:bench.max_heldout] if bench.max_heldout else prompts
     judges = {n: get(n) for n in dict.fromkeys([*bench.personas, *bench.kind_personas])}
-    configs = [heed_config(config_path, quick=quick, bench=b, data_dir=str(data_dir))[0] for b in benches]
+    configs = [heed_config(config_path, quick=quick, bench=b, data_dir=str(data_dir), kept=True)[0] for b in benches]
     labels = [v or "preset" for v in variants]
-    if not (configs[0].db_path).is_file():
-        raise SystemExit(f"no kept run in {data_dir} (expected {configs[0].db_path}): pass the folder given to "
-                         "`heed bench personalize --data-dir`")
     set_threads(configs[0].model.torch_threads)
     model, tok = load_base(configs[0])
     engine = Engine(model, tok, model_cfg=configs[0].model, gen_cfg=configs[0].generation)

@@ -52,9 +52,7 @@ def strength(data_dir: Path, *, scales: list[float], bench_config: str | None = 
     bench = load_bench_config(bench_config, quick=quick)
     _, prompts = split(heldout_every=bench.heldout_every)
     prompts = prompts[:bench.max_heldout] if bench.max_heldout else prompts
-    config = heed_config(config_path, quick=quick, bench=bench, data_dir=str(data_dir))[0]
-    if not config.db_path.is_file():
-        raise SystemExit(f"no kept run in {data_dir} (expected {config.db_path}): pass the folder given to `heed bench personalize --data-dir`")
+    config = heed_config(config_path, quick=quick, bench=bench, data_dir=str(data_dir), kept=True)[0]
     set_threads(config.model.torch_threads)
     model, tok = load_base(config)
     engine = Engine(model, tok, model_cfg=config.model, gen_cfg=config.generation)

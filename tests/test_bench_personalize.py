@@ -440,3 +440,13 @@ def test_adapter_strength_one_replays_the_runs_answers_and_a_scaled_copy_is_what
     was, now = (json.loads((d / "adapter_config.json").read_text()) for d in (src, copy))
     assert now["lora_alpha"] == 2.5 * was["lora_alpha"] and now["r"] == was["r"]
     assert (copy / "adapter_model.safetensors").read_bytes() == (src / "adapter_model.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("tool", ["rerank", "strength", "rejudge"])
+def test_a_replay_of_a_folder_without_a_kept_run_fails_before_building_a_model_there(tool, tmp_path, capsys):
+    from bench.cli import main
+
+    nothing = tmp_path / "typo"
+    with pytest.raises(SystemExit, match="no kept run in"):
+        main([tool, "--data-dir", str(nothing), "--config", "configs/default.yaml", "--out", str(tmp_path / "x.json")])
+    assert not nothing.exists(), "nothing was converted into a folder the user did not mean"

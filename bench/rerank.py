@@ -18,6 +18,8 @@ choosing one answer per prompt is judged as the benchmark judges:
 - ``likelihood``: the highest mean log-probability per token under the adapter alone;
 - ``reward_sound``: the highest reward among the sound answers. The filter applies checks the
   benchmark's acceptance includes, so part of its gain is by construction: ``sound`` measures that part;
+- ``consensus``: the answer sharing the most word pairs with the other k-1 (minimum Bayes risk under
+  bigram overlap): the typical answer, not an outlier;
 - ``oracle``: accepted when any of the k answers is (a ceiling no chooser passes).
 
 No chooser sees a persona's judge. Run it
@@ -29,12 +31,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import time
 from dataclasses import replace
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
-CHOOSERS = ("greedy", "sample", "sound", "reward", "reward_per_token", "likelihood", "reward_sound", "oracle")
+CHOOSERS = ("greedy", "sample", "sound", "reward", "reward_per_token", "likelihood", "reward_sound", "consensus", "oracle")
 
 
 def answer_scores(engine, ref, sequences: list[tuple[list[int], int]]) -> list[tuple[float, int]]:
@@ -50,35 +53,54 @@ def answer_scores(engine, ref, sequences: list[tuple[list[int], int]]) -> list[t
         return total_log_probs(engine, ref, sequences)
 
 
+def _bigrams(text: str) -> set[tuple[str, str]]:
+    words = re.findall(r"[a-z0-9']+", text.lower())
+    return set(zip(words, words[1:]))
+
+
+def overlap(a: set, b: set) -> float:
+    """Dice overlap of two answers' word pairs (1: the same pairs)."""
+    return 2 * len(a & b) / max(len(a) + len(b), 1)
+
+
 def choose(cands: list[dict]) -> dict[str, int]:
-    """Index of the answer each chooser picks among one prompt's candidates: each has its implicit ``reward``
-    (summed over its ``tokens``), its summed log-probability under the adapter (``logp``) and whether
-    ``heed.quality`` finds it ``sound``."""
+    """Index of the answer each chooser picks among one prompt's candidates: each has its ``text``, whether
+    ``heed.quality`` finds it ``sound`` and, where scored, its implicit ``reward`` (summed over its
+    ``tokens``) and its summed log-probability under the adapter (``logp``)."""
     idx = range(len(cands))
     sound = [i for i in idx if cands[i]["sound"]] or [0]
-    return {
+    grams = [_bigrams(c["text"]) for c in cands]
+    agree = [sum(overlap(grams[i], grams[j]) for j in idx if j != i) for i in idx]
+    picks = {
         "greedy": 0,
         "sample": 1 if len(cands) > 1 else 0,
         "sound": sound[0],
-        "reward": max(idx, key=lambda i: cands[i]["reward"]),
-        "reward_per_token": max(idx, key=lambda i: cands[i]["reward"] / max(cands[i]["tokens"], 1)),
-        "likelihood": max(idx, key=lambda i: cands[i]["logp"] / max(cands[i]["tokens"], 1)),
-        "reward_sound": max(sound, key=lambda i: cands[i]["reward"]),
+        "consensus": max(idx, key=lambda i: agree[i]),  # ties: the earliest, so greedy first
     }
+    if all("tokens" in c for c in cands):
+        picks.update({
+            "reward": max(idx, key=lambda i: cands[i]["reward"]),
+            "reward_per_token": max(idx, key=lambda i: cands[i]["reward"] / max(cands[i]["tokens"], 1)),
+            "likelihood": max(idx, key=lambda i: cands[i]["logp"] / max(cands[i]["tokens"], 1)),
+            "reward_sound": max(sound, key=lambda i: cands[i]["reward"]),
+        })
+    return picks
 
 
 def tally(answers: list[dict], judges: dict) -> dict:
-    """Each chooser's answers judged as the benchmark judges them, from the saved candidates (``rerank``'s rows)."""
+    """Each chooser's answers judged as the benchmark judges them, from the saved candidates (``rerank``'s rows).
+    Answers saved without their token counts (the tool's first version) keep their saved score-based picks."""
     from bench.personalize import judge
     from heed.quality import is_sensible, on_topic
 
     prompts = [a["prompt"] for a in answers]
     picks = []
     for a in answers:
-        cands = [{"reward": a["reward"][r], "tokens": a["tokens"][r], "logp": a["logp"][r],
+        scored = ("reward", "tokens", "logp") if "tokens" in a else ()
+        cands = [{"text": a["candidates"][r], **{key: a[key][r] for key in scored},
                   "sound": is_sensible(a["candidates"][r], prompt=a["prompt"], finished=a["finished"][r]) and on_topic(a["candidates"][r], a["prompt"])}
                  for r in range(len(a["candidates"]))]
-        picks.append(choose(cands))
+        picks.append({**a.get("picks", {}), **choose(cands)})
     out = {"accept": {}, "style_only": {}, "degenerate": {}, "off_topic": {}, "mean_words": {}}
     for chooser in CHOOSERS[:-1]:
         m = judge([(a["candidates"][p[chooser]], a["finished"][p[chooser]]) for a, p in zip(answers, picks)], prompts, judges)
@@ -174,9 +196,22 @@ def summary_md(res: dict) -> str:
     return "\n".join(lines)
 
 
+def retally(res: dict) -> dict:
+    """``res`` with every chooser judged again from its saved candidates (a chooser added since: no model needed)."""
+    from bench.personas import get
+
+    for row in res["rows"]:
+        verdict = tally(row["answers"], {n: get(n) for n in row["accept"]["greedy"]})
+        for a, p in zip(row["answers"], verdict.pop("picks")):
+            a["picks"] = p
+        row.update(verdict)
+    return res
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="heed bench rerank", description=__doc__.split("\n")[0])
-    p.add_argument("--data-dir", required=True, help="a kept run: the folder given to `heed bench personalize --data-dir`")
+    p.add_argument("--data-dir", help="a kept run: the folder given to `heed bench personalize --data-dir`")
+    p.add_argument("--retally", metavar="FILE", help="instead: judge every chooser again from a result file's saved answers")
     p.add_argument("--config", help="the Heed config the run used (default: configs/default.yaml, or configs/tiny.yaml with --quick)")
     p.add_argument("--bench-config", help="the bench YAML the run used (its personas and held-out prompts)")
     p.add_argument("--k", type=int, default=4, help="answers per prompt: greedy and k-1 samples")
@@ -184,11 +219,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="the run was `heed bench personalize --quick`")
     p.add_argument("--out", default=str(RESULTS / "rerank.json"))
     args = p.parse_args(argv)
-    res = rerank(Path(args.data_dir), k=args.k, bench_config=args.bench_config, config_path=args.config, quick=args.quick,
-                 temperature=args.temperature)
+    if bool(args.data_dir) == bool(args.retally):
+        p.error("give --data-dir (answer and judge) or --retally FILE (judge saved answers again)")
+    if args.retally:
+        res = retally(json.loads(Path(args.retally).read_text()))
+    else:
+        res = rerank(Path(args.data_dir), k=args.k, bench_config=args.bench_config, config_path=args.config, quick=args.quick,
+                     temperature=args.temperature)
     out = Path(args.out)
     out.write_text(json.dumps(res, indent=1))
-    out.with_suffix(".md").write_text(f"# Best of {res['k']}: {args.data_dir}\n\n" + summary_md(res) + "\n")
+    out.with_suffix(".md").write_text(f"# Best of {res['k']}: {res['data_dir']}\n\n" + summary_md(res) + "\n")
     print(summary_md(res))
     print(f"wrote {out} and {out.with_suffix('.md')}")
     return 0

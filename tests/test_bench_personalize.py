@@ -361,7 +361,7 @@ def test_gate_probes_answers_every_adapter_of_a_kept_run_as_the_gate_did(quick):
 
 
 def test_best_of_k_serves_the_runs_own_greedy_answers_and_chooses_by_the_adapters_reward(quick):
-    from bench.rerank import CHOOSERS, rerank, summary_md
+    from bench.rerank import CHOOSERS, rerank, retally, summary_md
 
     res, out = quick
     report = rerank(out.parent.parent / "data", k=3, quick=True, say=lambda _: None)
@@ -385,6 +385,9 @@ def test_best_of_k_serves_the_runs_own_greedy_answers_and_chooses_by_the_adapter
         assert row["accept"]["greedy"][row["persona"]] == last["accept"][row["persona"]]
         assert any(r != 0.0 for a in row["answers"] for r in a["reward"]), "a trained adapter's reward is not flat"
     assert "| says_" in summary_md(report)
+    # Judging the saved answers again gives the same figures: a chooser added later can be judged without a model.
+    again = retally(json.loads(json.dumps(report)))
+    assert [r["accept"] for r in again["rows"]] == [r["accept"] for r in report["rows"]]
 
 
 def test_best_of_k_scores_answers_with_the_adapters_own_log_probabilities(quick):
@@ -450,3 +453,14 @@ def test_a_replay_of_a_folder_without_a_kept_run_fails_before_building_a_model_t
     with pytest.raises(SystemExit, match="no kept run in"):
         main([tool, "--data-dir", str(nothing), "--config", "configs/default.yaml", "--out", str(tmp_path / "x.json")])
     assert not nothing.exists(), "nothing was converted into a folder the user did not mean"
+
+
+def test_the_consensus_chooser_passes_over_the_odd_answer_out():
+    from bench.rerank import choose
+
+    texts = ["Use a lasso to grab the tool!", "Soak the skin, then pull the splinter out with tweezers.",
+             "Pull the splinter out with clean tweezers.", "Wash the area and pull the splinter out with tweezers."]
+    picks = choose([{"text": t, "sound": True} for t in texts])
+    assert picks["consensus"] != 0 and picks["greedy"] == 0
+    assert "reward" not in picks, "answers saved without scores get no score-based picks"
+    assert choose([{"text": t, "sound": True} for t in ["Same words.", "Same words."]])["consensus"] == 0, "a tie keeps the greedy answer"

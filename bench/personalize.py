@@ -46,10 +46,13 @@ def heed_config(config_path: str | None, *, quick: bool, bench: BenchConfig, dat
     from heed.models import resolve_model
 
     path = config_path or ("configs/tiny.yaml" if quick else "configs/default.yaml")
+    if kept and not data_dir:
+        raise ValueError("kept=True needs the kept run's data_dir")
     first = load_config(path, overrides={"data_dir": data_dir} if data_dir else None)
-    if kept and not (Path(data_dir) / "run" / first.store.path).is_file():
-        raise SystemExit(f"no kept run in {data_dir} (expected {Path(data_dir) / 'run' / first.store.path}): "
-                         "pass the folder given to `heed bench personalize --data-dir`")
+    if kept:
+        db = load_config(path, overrides={"data_dir": str(Path(data_dir).expanduser() / "run")}).db_path
+        if not db.is_file():
+            raise SystemExit(f"no kept run in {data_dir} (expected {db}): pass the folder given to `heed bench personalize --data-dir`")
     model_path = resolve_model(first)
     work = Path(data_dir) if data_dir else Path(tempfile.mkdtemp(prefix="heed-bench-"))
     return load_config(path, overrides={

@@ -201,6 +201,8 @@ def retally(res: dict) -> dict:
     from bench.personas import get
 
     for row in res["rows"]:
+        if any("tokens" not in a and "picks" not in a for a in row["answers"]):
+            raise SystemExit(f"{row['user']}: answers saved with neither scores nor picks: rerun with --data-dir")
         verdict = tally(row["answers"], {n: get(n) for n in row["accept"]["greedy"]})
         for a, p in zip(row["answers"], verdict.pop("picks")):
             a["picks"] = p

@@ -30,6 +30,8 @@ def scaled_copy(src: Path, dst: Path, gamma: float) -> Path:
     """``src``'s adapter with its LoRA delta times ``gamma`` (its ``lora_alpha`` and any per-module alpha scaled)."""
     dst.mkdir(parents=True, exist_ok=True)
     cfg = json.loads((src / "adapter_config.json").read_text())
+    if cfg.get("use_dora"):
+        raise SystemExit(f"{src}: a DoRA adapter's delta does not scale with lora_alpha")
     cfg["lora_alpha"] = cfg["lora_alpha"] * gamma
     cfg["alpha_pattern"] = {k: v * gamma for k, v in (cfg.get("alpha_pattern") or {}).items()}
     (dst / "adapter_config.json").write_text(json.dumps(cfg, indent=1))
@@ -128,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(RESULTS / "strength.json"))
     args = p.parse_args(argv)
     try:
-        scales = [float(s) for s in args.scales.split(",") if s.strip()]
+        scales = list(dict.fromkeys(float(s) for s in args.scales.split(",") if s.strip()))
     except ValueError:
         raise SystemExit(f"--scales: not a comma-separated list of numbers: {args.scales!r}") from None
     res = strength(Path(args.data_dir), scales=scales, bench_config=args.bench_config, config_path=args.config, quick=args.quick)

@@ -388,6 +388,17 @@ def test_best_of_k_serves_the_runs_own_greedy_answers_and_chooses_by_the_adapter
     # Judging the saved answers again gives the same figures: a chooser added later can be judged without a model.
     again = retally(json.loads(json.dumps(report)))
     assert [r["accept"] for r in again["rows"]] == [r["accept"] for r in report["rows"]]
+    # Answers saved without their scores (the tool's first version) keep their saved score-based picks.
+    unscored = json.loads(json.dumps(report))
+    for row in unscored["rows"]:
+        for a in row["answers"]:
+            del a["tokens"], a["logp"]
+    assert [r["accept"] for r in retally(unscored)["rows"]] == [r["accept"] for r in report["rows"]]
+    for row in unscored["rows"]:
+        for a in row["answers"]:
+            del a["picks"]
+    with pytest.raises(SystemExit, match="neither scores nor picks"):
+        retally(unscored)
 
 
 def test_best_of_k_scores_answers_with_the_adapters_own_log_probabilities(quick):
@@ -443,6 +454,13 @@ def test_adapter_strength_one_replays_the_runs_answers_and_a_scaled_copy_is_what
     was, now = (json.loads((d / "adapter_config.json").read_text()) for d in (src, copy))
     assert now["lora_alpha"] == 2.5 * was["lora_alpha"] and now["r"] == was["r"]
     assert (copy / "adapter_model.safetensors").read_bytes() == (src / "adapter_model.safetensors").read_bytes()
+    # A per-module alpha scales too; a DoRA adapter, whose delta alpha does not scale, is refused.
+    pattern = scaled_copy(src, tmp_path / "p", 1.0)
+    (pattern / "adapter_config.json").write_text(json.dumps({**was, "alpha_pattern": {"q_proj": 8}}))
+    assert json.loads((scaled_copy(pattern, tmp_path / "p2", 2.0) / "adapter_config.json").read_text())["alpha_pattern"] == {"q_proj": 16}
+    (pattern / "adapter_config.json").write_text(json.dumps({**was, "use_dora": True}))
+    with pytest.raises(SystemExit, match="DoRA"):
+        scaled_copy(pattern, tmp_path / "d", 2.0)
 
 
 @pytest.mark.parametrize("tool", ["rerank", "strength", "rejudge"])
@@ -453,6 +471,17 @@ def test_a_replay_of_a_folder_without_a_kept_run_fails_before_building_a_model_t
     with pytest.raises(SystemExit, match="no kept run in"):
         main([tool, "--data-dir", str(nothing), "--config", "configs/default.yaml", "--out", str(tmp_path / "x.json")])
     assert not nothing.exists(), "nothing was converted into a folder the user did not mean"
+
+
+def test_a_kept_run_is_found_under_a_folder_given_with_a_tilde(tmp_path, monkeypatch):
+    from bench.personalize import heed_config
+    from bench.settings import load_bench_config
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "runs" / "x" / "run").mkdir(parents=True)
+    (tmp_path / "runs" / "x" / "run" / "heed.db").write_bytes(b"")
+    config = heed_config(None, quick=True, bench=load_bench_config(None, quick=True), data_dir="~/runs/x", kept=True)[0]
+    assert config.db_path == tmp_path / "runs" / "x" / "run" / "heed.db"
 
 
 def test_the_consensus_chooser_passes_over_the_odd_answer_out():

@@ -41,6 +41,7 @@ def _versions(store, user_id: int, *, everything: bool) -> list[dict]:
 def rejudge(data_dir: Path, variants: list[str | None], *, config_path: str | None = None, quick: bool = False,
             everything: bool = False, say=print) -> dict:
     """``variants``: bench configs (None: the preset) whose generation settings each replay decodes with; the first is the run's."""
+    from bench.kept_run import held_out_chats, simulated_users
     from bench.personalize import heed_config, judge
     from bench.personas import get
     from bench.prompts import split
@@ -64,8 +65,7 @@ def rejudge(data_dir: Path, variants: list[str | None], *, config_path: str | No
     engine = Engine(model, tok, model_cfg=configs[0].model, gen_cfg=configs[0].generation)
     heeds = [Heed(c, engine=engine) for c in configs]  # each variant's system prompt, with the user's standing notes
     heed = heeds[0]
-    with heed.store.db.connect() as db:
-        users = [(uid, name) for uid, name in db.execute("SELECT id, name FROM users ORDER BY id") if "-" in name]
+    users = simulated_users(heed.store)
     # (label, user, persona, version, status, adapter): the base model first.
     subjects = [("base", None, None, 0, "base", None)]
     missing = []
@@ -83,8 +83,7 @@ def rejudge(data_dir: Path, variants: list[str | None], *, config_path: str | No
         engine.gen_cfg = config.generation  # the prompt's context budget is the engine's
         chats, refs = [], []
         for _, uid, _, _, _, ref in subjects:
-            system = h.system_prompt(uid) if uid is not None else config.generation.system_prompt
-            chats += [[{"role": "system", "content": system}, {"role": "user", "content": q}] for q in prompts]
+            chats += held_out_chats(h, uid, prompts, config.generation.system_prompt)
             refs += [ref] * len(prompts)
         t = time.perf_counter()
         out = engine.generate_batch(chats, adapters=refs, max_new_tokens=bench.eval_max_new_tokens, gen=gen,

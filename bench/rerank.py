@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import time
 from dataclasses import replace
@@ -116,30 +115,20 @@ def tally(answers: list[dict], judges: dict) -> dict:
 def rerank(data_dir: Path, *, k: int = 4, bench_config: str | None = None, config_path: str | None = None,
            quick: bool = False, temperature: float = 0.7, say=print) -> dict:
     from bench.gate_audit import _persona_of
-    from bench.personalize import heed_config
+    from bench.kept_run import active_adapter, held_out_chats, open_kept_run, simulated_users
     from bench.personas import get
-    from bench.prompts import split
-    from bench.settings import load_bench_config
-    from heed.engine import AdapterRef, Engine, load_base, set_threads
-    from heed.service import Heed
+    from heed.engine import AdapterRef
 
     if k < 2:
         raise SystemExit("--k must be at least 2 (the greedy answer and one sample)")
-    bench = load_bench_config(bench_config, quick=quick)
-    _, prompts = split(heldout_every=bench.heldout_every)
-    prompts = prompts[:bench.max_heldout] if bench.max_heldout else prompts
-    config = heed_config(config_path, quick=quick, bench=bench, data_dir=str(data_dir), kept=True)[0]
-    set_threads(config.model.torch_threads)
-    model, tok = load_base(config)
-    engine = Engine(model, tok, model_cfg=config.model, gen_cfg=config.generation)
-    heed = Heed(config, engine=engine)
-    with heed.store.db.connect() as db:
-        users = [(uid, name) for uid, name in db.execute("SELECT id, name FROM users ORDER BY id") if "-" in name]
+    run = open_kept_run(data_dir, bench_config=bench_config, config_path=config_path, quick=quick)
+    bench, prompts, config, engine, heed = run.bench, run.prompts, run.config, run.engine, run.heed
+    tok = engine.tokenizer
     subjects = []  # (user, uid, persona, version, adapter): the users' active adapters, then the base model
-    for uid, name in users:
-        active = [a for a in heed.store.list_adapters(user_id=uid) if a["status"] == "active" and os.path.isdir(a["path"])]
-        if active:
-            subjects.append((name, uid, _persona_of(name), active[0]["version"], AdapterRef(f"rerank-u{uid}", active[0]["path"])))
+    for uid, name in simulated_users(heed.store):
+        active = active_adapter(heed.store, uid)
+        if active is not None:
+            subjects.append((name, uid, _persona_of(name), active["version"], AdapterRef(f"rerank-u{uid}", active["path"])))
     subjects.append(("base", None, None, 0, None))
     judges = {n: get(n) for n in dict.fromkeys(bench.personas)}
     gens = [replace(config.generation, do_sample=False)]  # the greedy answer, then k - 1 samples, each with its own seed
@@ -147,8 +136,7 @@ def rerank(data_dir: Path, *, k: int = 4, bench_config: str | None = None, confi
     rows, t0 = [], time.perf_counter()
     for name, uid, persona, version, ref in subjects:
         t = time.perf_counter()
-        system = heed.system_prompt(uid) if uid is not None else config.generation.system_prompt
-        chats = [[{"role": "system", "content": system}, {"role": "user", "content": q}] for q in prompts]
+        chats = held_out_chats(heed, uid, prompts, config.generation.system_prompt)
         runs = [engine.generate_batch(chats, adapters=[ref] * len(chats), max_new_tokens=bench.eval_max_new_tokens, gen=g,
                                       with_finish=True, batch=bench.eval_batch) for g in gens]
         prompt_ids = [engine.prompt_ids(c, max_new_tokens=bench.eval_max_new_tokens) for c in chats]

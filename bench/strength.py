@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import tempfile
 import time
@@ -42,41 +41,30 @@ def scaled_copy(src: Path, dst: Path, gamma: float) -> Path:
 
 def strength(data_dir: Path, *, scales: list[float], bench_config: str | None = None, config_path: str | None = None,
              quick: bool = False, say=print) -> dict:
-    from bench.personalize import heed_config, judge
+    from bench.kept_run import active_adapter, held_out_chats, open_kept_run, simulated_users
+    from bench.personalize import judge
     from bench.personas import get
-    from bench.prompts import split
-    from bench.settings import load_bench_config
-    from heed.engine import AdapterRef, Engine, load_base, set_threads
-    from heed.service import Heed
+    from heed.engine import AdapterRef
 
     if not scales or any(not 0 < g <= 10 for g in scales):
         raise SystemExit("--scales must be numbers in (0, 10]")
-    bench = load_bench_config(bench_config, quick=quick)
-    _, prompts = split(heldout_every=bench.heldout_every)
-    prompts = prompts[:bench.max_heldout] if bench.max_heldout else prompts
-    config = heed_config(config_path, quick=quick, bench=bench, data_dir=str(data_dir), kept=True)[0]
-    set_threads(config.model.torch_threads)
-    model, tok = load_base(config)
-    engine = Engine(model, tok, model_cfg=config.model, gen_cfg=config.generation)
-    heed = Heed(config, engine=engine)
+    run = open_kept_run(data_dir, bench_config=bench_config, config_path=config_path, quick=quick)
+    bench, prompts, config, engine, heed = run.bench, run.prompts, run.config, run.engine, run.heed
     judges = {n: get(n) for n in dict.fromkeys([*bench.personas, *bench.kind_personas])}
-    with heed.store.db.connect() as db:
-        users = [(uid, name) for uid, name in db.execute("SELECT id, name FROM users ORDER BY id") if "-" in name]
     scratch = Path(tempfile.mkdtemp(prefix="heed-strength-"))
     try:
         subjects = [("base", None, None, 0, None, None)]  # (user, uid, persona, version, gamma, adapter)
-        for uid, name in users:
-            active = [a for a in heed.store.list_adapters(user_id=uid) if a["status"] == "active" and os.path.isdir(a["path"])]
-            if not active:
+        for uid, name in simulated_users(heed.store):
+            active = active_adapter(heed.store, uid)
+            if active is None:
                 continue
             for g in scales:
-                path = Path(active[0]["path"]) if g == 1 else scaled_copy(Path(active[0]["path"]), scratch / f"u{uid}-{g}", g)
-                subjects.append((name, uid, _persona_of(name), active[0]["version"], g, AdapterRef(f"strength-u{uid}-x{g:g}".replace(".", "_"), str(path))))
+                path = Path(active["path"]) if g == 1 else scaled_copy(Path(active["path"]), scratch / f"u{uid}-{g}", g)
+                subjects.append((name, uid, _persona_of(name), active["version"], g, AdapterRef(f"strength-u{uid}-x{g:g}".replace(".", "_"), str(path))))
         gen = replace(config.generation, do_sample=False)
         chats, refs = [], []
         for _, uid, _, _, _, ref in subjects:
-            system = heed.system_prompt(uid) if uid is not None else config.generation.system_prompt
-            chats += [[{"role": "system", "content": system}, {"role": "user", "content": q}] for q in prompts]
+            chats += held_out_chats(heed, uid, prompts, config.generation.system_prompt)
             refs += [ref] * len(prompts)
         t0 = time.perf_counter()
         out = engine.generate_batch(chats, adapters=refs, max_new_tokens=bench.eval_max_new_tokens, gen=gen,
